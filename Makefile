@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the embedded default job) and `make test`.
+# Both create ./.venv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned so a CPU-only machine does not pull a multi-GB CUDA build;
+# override on GPU machines, e.g. `make TORCH_SPEC="torch==2.5.1" demo`.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,mpi
+NPROC ?= 2
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test test-fast clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo.py --output-dir $(DEMO_DIR) --nproc $(NPROC)
+
+test: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs tests
+
+test-fast: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,285 @@
+"""The run's settings: typed, documented where declared, validated once on load.
+
+Every setting has one dotted name, the same in YAML and on the command line
+(`--dpo.beta=2000`). Unknown keys and wrong types are errors naming the key.
+The DeepSpeed JSON is resolved here too (its "auto" values filled from the
+run's config), so a bad setting fails before any process group starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    family: Literal["sdxl"] = "sdxl"
+    """Model family; decides the denoiser class, its conditioning and latent layout."""
+    pretrained_path: str | None = None
+    """Local diffusers model folder holding `unet/` (and `scheduler/`). Required unless `unet_config` is set."""
+    unet_config: str | None = None
+    """Path to a UNet config.json to build a freshly initialised model from (tests, toy runs)."""
+    scheduler_config: str | None = None
+    """Path to a scheduler_config.json; default `pretrained_path/scheduler/scheduler_config.json`."""
+    prediction_type: Literal["epsilon", "v_prediction", "flow"] | None = None
+    """Override the scheduler's prediction type (what the denoiser predicts)."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention kernel: PyTorch SDPA, or xformers (GPU, must be installed: `pip install .[xformers]`)."""
+    gradient_checkpointing: bool = True
+    """Non-reentrant activation checkpointing of the policy: less memory, ~30% more compute."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Training precision: auto is bf16 on GPUs that have it, fp32 on the CPU."""
+    vae_scale_factor: int = 8
+    """Pixels per latent element along each spatial side; latent size = data.resolution / this."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.pretrained_path is None) == (self.unet_config is None):
+            raise ValueError("set exactly one of model.pretrained_path (a diffusers folder) or model.unet_config (a config.json)")
+        if self.unet_config is not None and self.scheduler_config is None:
+            raise ValueError("model.unet_config needs model.scheduler_config (a scheduler_config.json)")
+        return self
+
+
+class DataConfig(_Section):
+    shards: str | list[str]
+    """Shards to train on: a .tar path, a brace pattern, a directory, a `pipe:` URL, or a list of these."""
+    resolution: int = 1024
+    """Image resolution in pixels the latents were encoded at (latent side = resolution / model.vae_scale_factor)."""
+    num_workers: int = Field(2, ge=0)
+    """Loader worker processes per rank; they also draw each pair's timestep and noise."""
+    shuffle_buffer: int = Field(256, ge=1)
+    """Pairs held per worker for shuffling within an epoch."""
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Stop the run once more than this fraction of the pairs read were bad (skipped)."""
+    timestep_range: tuple[int, int] | None = None
+    """Draw timesteps from [lo, hi) only; default all training timesteps."""
+
+
+class DPOConfig(_Section):
+    beta: float = Field(5000.0, gt=0)
+    """β of Diffusion-DPO with mean-reduced errors (DESIGN.md §1); 5000 for SDXL in the paper's scripts."""
+
+
+class TrainConfig(_Section):
+    micro_batch_size: int = Field(1, ge=1)
+    """Preference pairs per rank per micro-step (each pair runs the policy on winner and loser)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step."""
+    max_steps: int = Field(ge=1)
+    """Optimizer steps to train for."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 disables)."""
+    max_nonfinite_in_row: int = Field(5, ge=1)
+    """Stop after this many consecutive micro-batches with a non-finite loss (each is skipped)."""
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "adafactor"] = "adamw"
+    """AdamW, or Adafactor (factored second moments: less optimizer memory, as the paper used for SDXL)."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to lr over this many steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to lr * min_lr_ratio at train.max_steps."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class ReferenceConfig(_Section):
+    mode: Literal["live"] = "live"
+    """Where reference errors come from: `live` runs the frozen reference model each step."""
+    pretrained_path: str | None = None
+    """Reference weights (a diffusers folder); default: the policy's initial weights."""
+    offload: Literal["cpu", "none"] = "cpu"
+    """Where the live reference's ZeRO-3 parameter partitions live between uses."""
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(500, ge=1)
+    """Write a DeepSpeed checkpoint every N optimizer steps (and at the end)."""
+    keep_last: int = Field(3, ge=1)
+    """Keep this many newest complete checkpoints; older ones are deleted."""
+    resume: str = "none"
+    """`none`, `auto` (newest complete checkpoint in output_dir, if any), or a checkpoint tag."""
+    export: bool = True
+    """At the end, write the trained denoiser as a diffusers folder under output_dir/export/."""
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(1, ge=1)
+    """Reduce and write scalars every N optimizer steps."""
+    progress: bool = True
+    """Console progress bar with ETA on rank 0."""
+
+
+class RunConfig(_Section):
+    output_dir: str
+    """Where the run writes config.yaml, tensorboard/, checkpoints/ and export/."""
+    seed: int = 0
+    """Global seed: the data order, every pair's draw and model init derive from it."""
+    model: ModelConfig
+    data: DataConfig
+    dpo: DPOConfig = DPOConfig()
+    train: TrainConfig
+    optim: OptimConfig = OptimConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v:
+            raise ValueError("output_dir must not be empty")
+        return v
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--{dotted}: {name} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--section.key=value` (value parsed as YAML) into a nested dict."""
+    tree: dict = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"cannot parse argument {arg!r}: overrides look like --section.key=value")
+        dotted, raw = arg[2:].split("=", 1)
+        _set_dotted(tree, dotted, yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing required key {key!r}")
+        else:
+            lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config, apply `--section.key=value` overrides, validate. Raises ValueError."""
+    tree: dict = {}
+    source = path or "command line"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        # Validated as JSON so that YAML lists fill tuple fields, in strict mode so
+        # that "5" is not silently taken for 5 nor 1 for true.
+        return RunConfig.model_validate_json(json.dumps(tree), strict=True)
+    except ValidationError as e:
+        raise ValueError(_format_error(e, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved configuration (what the run actually used) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+
+
+# ---------------------------------------------------------------- DeepSpeed JSON
+
+def training_dtype(cfg: RunConfig, has_gpu: bool, gpu_has_bf16: bool) -> str:
+    """The precision the run trains in: `model.dtype`, with auto resolved for this hardware."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bf16" if has_gpu and gpu_has_bf16 else "fp32"
+
+
+def _fill(ds: dict, dotted: str, wanted: Any, setting: str, source: str) -> None:
+    """Fill an "auto" (or absent) DeepSpeed value from the run's config; refuse a contradiction."""
+    node = ds
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    have = node.get(leaf, "auto")
+    if have == "auto":
+        node[leaf] = wanted
+    elif have != wanted and not (isinstance(have, (int, float)) and isinstance(wanted, (int, float)) and float(have) == float(wanted)):
+        raise ValueError(
+            f"{source}: {dotted} = {have!r} contradicts {setting} = {wanted!r} in the run config; "
+            f'set it to "auto" or make them agree'
+        )
+
+
+def resolve_ds_config(path: str, cfg: RunConfig, world_size: int, dtype: str) -> dict:
+    """Read a DeepSpeed JSON and fill its "auto" values from the run's config. Raises ValueError."""
+    if not os.path.isfile(path):
+        raise ValueError(f"DeepSpeed config {path} does not exist")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object")
+    t = cfg.train
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", path)
+    _fill(ds, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", path)
+    _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
+          f"train.micro_batch_size * train.grad_accum * world_size ({world_size})", path)
+    _fill(ds, "gradient_clipping", t.grad_clip, "train.grad_clip", path)
+    _fill(ds, "bf16.enabled", dtype == "bf16", f"the training dtype ({dtype})", path)
+    _fill(ds, "fp16.enabled", dtype == "fp16", f"the training dtype ({dtype})", path)
+    if "optimizer" in ds:
+        opt = ds["optimizer"]
+        o = cfg.optim
+        if o.name != "adamw" or str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+            raise ValueError(
+                f"{path}: optimizer.type = {opt.get('type')!r} contradicts optim.name = {o.name!r}; "
+                "remove the optimizer section (the trainer builds optim.name itself) or use AdamW"
+            )
+        _fill(ds, "optimizer.params.lr", o.lr, "optim.lr", path)
+        _fill(ds, "optimizer.params.betas", list(o.betas), "optim.betas", path)
+        _fill(ds, "optimizer.params.eps", o.eps, "optim.eps", path)
+        _fill(ds, "optimizer.params.weight_decay", o.weight_decay, "optim.weight_decay", path)
+    if "scheduler" in ds:
+        raise ValueError(f"{path}: remove the scheduler section; the schedule is optim.schedule / optim.warmup_steps")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (2, 3):
+        raise ValueError(f"{path}: zero_optimization.stage must be 2 or 3, got {stage!r}")
+    return ds

@@ -1,0 +1,522 @@
+"""Shards of latent preference pairs: writing them, listing them, reading them into batches.
+
+Shard format (DESIGN.md §4): a POSIX tar in webdataset layout, one pair per sample,
+exactly two members per key:
+  KEY.json         {"caption", "family", "latent_layout", "scaling_factor", "shift_factor",
+                    "label", "source"}
+  KEY.safetensors  latents_w, latents_l (float16/bfloat16, same shape) + the family's conditioning
+Beside the shards, index.json:
+  {"format": "dpo_ds.shards/1", "shards": [{"name", "num_pairs", "size_bytes"}, ...]}
+
+Batch legend (PairLoader.epoch yields, B = batch_size, `...` = latent layout CHW or CFHW):
+  keys [B] str, draw_index [B] long (= epoch), timesteps [B] long, noise [B x ...] float32,
+  latents_w / latents_l [B x ...] float32, every conditioning tensor [B x ...] float32,
+  num_bad int, num_padded int.
+
+This is the only module that decodes sample bytes, and nothing here uses pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import braceexpand
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dpo_ds import noise
+
+log = logging.getLogger("dpo_ds.data")
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "dpo_ds.shards/1"
+MEMBER_EXTENSIONS = ("json", "safetensors")
+LATENT_NAMES = ("latents_w", "latents_l")
+LATENT_DTYPES = (torch.float16, torch.bfloat16)
+PICKLE_EXTENSIONS = {"pt", "pth", "pickle", "pkl", "pyd", "npy"}
+BATCH_FIELDS = {"keys", "draw_index", "timesteps", "noise", "num_bad", "num_padded"}
+# webdataset's rule: the key is the member path up to the first dot of its file name.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+# Errors that mean "this shard's bytes are unreadable", as opposed to a bug in this module.
+_SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
+
+
+class BadSample(ValueError):
+    """A sample that breaks the shard format; the message is the reason."""
+
+
+def decode_sample(key: str, members: dict[str, bytes], schema: dict[str, tuple[int, ...] | None] | None) -> dict:
+    """Validate and decode one pair: {ext: bytes} -> {"key", "meta": dict, "tensors": {name: Tensor}}.
+
+    schema maps every tensor name besides the latents to its shape (None = any shape); the
+    latents may be listed too, to pin their shape. schema=None skips the name and shape checks.
+    Raises BadSample with the reason.
+    """
+    extra = sorted(set(members) - set(MEMBER_EXTENSIONS))
+    if extra:
+        # Checked before anything is decoded: a stranger's .pt must never reach a deserializer.
+        is_pickle = any(ext.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS for ext in extra)
+        names = ", ".join(f"{key}.{ext}" for ext in extra)
+        raise BadSample(f"unexpected member {names}" + (" (pickle-bearing, never decoded)" if is_pickle else ""))
+    missing = [f"{key}.{ext}" for ext in MEMBER_EXTENSIONS if ext not in members]
+    if missing:
+        raise BadSample(f"missing member {', '.join(missing)}")
+    try:
+        meta = json.loads(members["json"].decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        raise BadSample(f"undecodable json: {e}") from None
+    if not isinstance(meta, dict):
+        raise BadSample(f"json is a {type(meta).__name__}, expected an object")
+    try:
+        tensors = safetensors.torch.load(members["safetensors"])
+    except Exception as e:  # safetensors raises its own SafetensorError besides builtin errors
+        raise BadSample(f"undecodable safetensors: {e}") from None
+
+    for name in LATENT_NAMES:
+        if name not in tensors:
+            raise BadSample(f"no tensor {name!r}")
+        if tensors[name].dtype not in LATENT_DTYPES:
+            raise BadSample(f"{name} is {tensors[name].dtype}, expected float16 or bfloat16")
+    if tensors["latents_w"].shape != tensors["latents_l"].shape:
+        raise BadSample(f"latents_w and latents_l differ in shape: {[tuple(tensors[n].shape) for n in LATENT_NAMES]}")
+    if schema is not None:
+        unknown = sorted(set(tensors) - set(schema) - set(LATENT_NAMES))
+        if unknown:
+            raise BadSample(f"tensor(s) {unknown} are not in the schema {sorted(schema)}")
+        for name, shape in schema.items():
+            if name not in tensors:
+                raise BadSample(f"no tensor {name!r}, which the schema requires")
+            if shape is not None and tuple(tensors[name].shape) != tuple(shape):
+                raise BadSample(f"{name} has shape {tuple(tensors[name].shape)}, the schema says {tuple(shape)}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BadSample(f"{name} has non-finite values")
+    return {"key": key, "meta": meta, "tensors": tensors}
+
+
+class ShardWriter:
+    """Writes pairs into `prefix-000000.tar`, `prefix-000001.tar`, ... in out_dir, then index.json.
+
+    A shard rolls over at max_pairs pairs, or before a pair that would take it past max_bytes
+    (approximately: the tar's end-of-archive padding, at most 10 KiB, comes on top). Shards
+    appear under their final name only once complete. Headers carry no time or owner, so the
+    same input gives byte-identical shards. Writers with different prefixes may share out_dir
+    one after the other; each close merges its shards into index.json.
+    """
+
+    def __init__(self, out_dir: str, prefix: str = "shard", max_pairs: int = 1000, max_bytes: int | None = None):
+        if max_pairs < 1:
+            raise ValueError(f"ShardWriter max_pairs must be >= 1, got {max_pairs}")
+        if not prefix or "/" in prefix:
+            raise ValueError(f"ShardWriter prefix {prefix!r} must be a non-empty file name prefix")
+        self.out_dir, self.prefix = out_dir, prefix
+        self.max_pairs, self.max_bytes = max_pairs, max_bytes
+        os.makedirs(out_dir, exist_ok=True)
+        self._keys: set[str] = set()
+        self._index_entries: list[dict] = []
+        self._file = self._tar = None
+        self._num_pairs_in_shard = 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._tar is not None:
+            # Only complete shards are published; the one being written when the caller failed is dropped.
+            self._tar.close()
+            self._file.close()
+            os.remove(self._file.name)
+            self._file = self._tar = None
+        self.close()
+
+    def write(self, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Append one pair. Raises ValueError naming the key when it would be a bad sample."""
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"pair key {key!r} must be non-empty, without '.' or '/' "
+                             "(webdataset splits member names at the first dot)")
+        if key in self._keys:
+            raise ValueError(f"pair key {key!r} was already written; keys must be unique across the dataset")
+        try:
+            meta_bytes = json.dumps(meta, sort_keys=True, allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"pair {key!r}: meta is not plain JSON: {e}") from None
+        # A copy, because safetensors refuses tensors that share storage (e.g. w and l views of one batch).
+        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+        members = {"json": meta_bytes, "safetensors": safetensors.torch.save(tensors)}
+        try:
+            decode_sample(key, members, schema=None)
+        except BadSample as e:
+            raise ValueError(f"pair {key!r} is not a valid sample: {e}") from None
+
+        num_bytes = sum(512 + -(-len(b) // 512) * 512 for b in members.values())  # header + padded payload
+        if self._tar is not None and (
+            self._num_pairs_in_shard >= self.max_pairs
+            or (self.max_bytes is not None and self._file.tell() + num_bytes > self.max_bytes)
+        ):
+            self._finish_shard()
+        if self._tar is None:
+            name = f"{self.prefix}-{len(self._index_entries):06d}.tar"
+            self._file = open(os.path.join(self.out_dir, name + ".tmp"), "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+            self._num_pairs_in_shard = 0
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._num_pairs_in_shard += 1
+        self._keys.add(key)
+
+    def _finish_shard(self) -> None:
+        self._tar.close()
+        self._file.close()
+        path = self._file.name[: -len(".tmp")]
+        os.replace(self._file.name, path)
+        self._index_entries.append({"name": os.path.basename(path), "num_pairs": self._num_pairs_in_shard,
+                                    "size_bytes": os.path.getsize(path)})
+        self._file = self._tar = None
+
+    def close(self) -> None:
+        """Finish the open shard and merge this writer's shards into index.json."""
+        if self._tar is not None:
+            self._finish_shard()
+        index_path = os.path.join(self.out_dir, INDEX_NAME)
+        entries = {e["name"]: e for e in _read_index(index_path).values()}
+        entries.update({e["name"]: e for e in self._index_entries})
+        index = {"format": INDEX_FORMAT, "shards": [entries[name] for name in sorted(entries)]}
+        with open(index_path + ".tmp", "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(index_path + ".tmp", index_path)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    num_pairs: int
+    size_bytes: int  # -1 when unknown (pipe: URLs)
+
+
+def _read_index(index_path: str) -> dict[str, dict]:
+    """index.json's entries by shard name; {} when absent or unusable (then shards are counted)."""
+    if not os.path.exists(index_path):
+        return {}
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        assert index["format"] == INDEX_FORMAT
+        return {e["name"]: {k: e[k] for k in ("name", "num_pairs", "size_bytes")} for e in index["shards"]}
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        log.warning("%s is not a %s index (%r); counting pairs from the tar headers", index_path, INDEX_FORMAT, e)
+        return {}
+
+
+@contextlib.contextmanager
+def _open_shard(url: str) -> Iterator:
+    """A binary stream of the shard: a local file, or the stdout of a `pipe:CMD` URL."""
+    if not url.startswith("pipe:"):
+        with open(url, "rb") as f:
+            yield f
+        return
+    proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+    try:
+        yield proc.stdout
+        while proc.stdout.read(1 << 20):  # the tar's trailing padding, so the command exits cleanly
+            pass
+    except BaseException:
+        proc.kill()  # a reader that stopped early does not care how the command ends
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    if proc.wait() != 0:
+        raise OSError(f"{url!r} exited with status {proc.returncode}")
+
+
+def _count_pairs(url: str) -> int:
+    """Distinct keys in the tar; for local files only the headers are read, payloads are seeked over."""
+    keys = set()
+    try:
+        mode = "r|*" if url.startswith("pipe:") else "r:*"  # "r:" seeks over payloads
+        with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
+            for member in tar:
+                match = _KEY_EXT.match(member.name)
+                if member.isfile() and match:
+                    keys.add(match[1])
+    except _SHARD_ERRORS as e:
+        log.warning("shard %s: tar unreadable after %d pairs (%s); counting those", url, len(keys), e)
+    return len(keys)
+
+
+def list_shards(spec: str | list[str]) -> list[ShardInfo]:
+    """Shards of a spec: .tar paths, brace patterns, globs, directories (*.tar inside), `pipe:CMD` URLs."""
+    urls: list[str] = []
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        if item.startswith("pipe:"):
+            urls.append(item)
+            continue
+        for path in braceexpand.braceexpand(item):
+            if os.path.isdir(path):
+                found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+                if not found:
+                    raise ValueError(f"no .tar shards in directory {path}")
+                urls += found
+            elif any(c in path for c in "*?["):
+                found = sorted(glob.glob(path))
+                if not found:
+                    raise ValueError(f"no shards match {path}")
+                urls += found
+            elif not os.path.isfile(path):
+                raise ValueError(f"shard {path} does not exist")
+            else:
+                urls.append(path)
+    if not urls:
+        raise ValueError(f"no shards match {spec!r}")
+    repeated = sorted({u for u in urls if urls.count(u) > 1})
+    if repeated:
+        raise ValueError(f"shard {repeated[0]} is listed more than once; each pair must be visited once per epoch")
+
+    indexes: dict[str, dict[str, dict]] = {}
+    shards = []
+    for url in urls:
+        if url.startswith("pipe:"):
+            shards.append(ShardInfo(url, _count_pairs(url), -1))
+            continue
+        index_path = os.path.join(os.path.dirname(os.path.abspath(url)), INDEX_NAME)
+        if index_path not in indexes:
+            indexes[index_path] = _read_index(index_path)
+        entry = indexes[index_path].get(os.path.basename(url))
+        size = os.path.getsize(url)
+        if entry is not None and entry["size_bytes"] == size:
+            shards.append(ShardInfo(url, int(entry["num_pairs"]), size))
+            continue
+        if entry is not None:
+            log.warning("shard %s has %d bytes, %s says %d; counting its pairs",
+                        url, size, index_path, entry["size_bytes"])
+        shards.append(ShardInfo(url, _count_pairs(url), size))
+    return shards
+
+
+def _seed_of(*parts: object) -> int:
+    """A stable 63-bit seed from its parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample in tar order; consecutive members with one key form a sample."""
+    with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        key, members = None, {}
+        for member in tar:
+            match = _KEY_EXT.match(member.name)
+            if not (member.isfile() and match):
+                continue
+            if match[1] != key:
+                if key is not None:
+                    yield key, members
+                key, members = match[1], {}
+            members[match[2]] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, members
+
+
+def _round_robin_resume(quotas: list[int], num_skip: int) -> tuple[list[int], int]:
+    """(batches each worker must drop, the worker whose turn is next) to resume at batch num_skip.
+
+    The DataLoader takes one batch from each worker in turn, passing over exhausted workers;
+    since every worker yields exactly its quota, that order is known in advance. A fresh
+    DataLoader starts its turns at worker 0, so the caller rotates workers to put the next one there.
+    """
+    skips, remaining, next_worker = [0] * len(quotas), list(quotas), 0
+    while num_skip > 0:
+        if remaining[next_worker]:
+            remaining[next_worker] -= 1
+            skips[next_worker] += 1
+            num_skip -= 1
+        next_worker = (next_worker + 1) % len(quotas)
+    return skips, next_worker
+
+
+def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+    """items through a shuffle buffer: each step yields a random one of the next buffer_size."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class PairLoader:
+    """Batches of pairs for one rank, split over ranks and loader workers without overlap.
+
+    Every epoch the shard list is shuffled from (seed, epoch) and dealt round robin to the
+    world_size * num_workers (rank, worker) slots; consecutive slots are different ranks, so
+    every rank holds a shard. batches_per_epoch is the least any rank can get under any shuffle
+    (from the ShardInfo counts alone), so it is the same on every rank and in every epoch
+    without communication; pairs beyond it are left over for that epoch (none when all shards
+    hold the same number of pairs and it divides evenly).
+
+    Tensors whose schema shape is None may have any shape, but one worker's pairs in one epoch
+    must agree (a batch is stacked); a pair that differs from the worker's first is bad.
+    """
+
+    def __init__(self, shards: list[ShardInfo], *, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int = 2, shuffle_buffer: int = 256, schema: dict[str, tuple[int, ...] | None],
+                 num_train_timesteps: int, timestep_range: tuple[int, int] | None = None):
+        if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"PairLoader needs batch_size >= 1, num_workers >= 0, 0 <= rank < world_size; "
+                             f"got {batch_size}, {num_workers}, {rank}, {world_size}")
+        if BATCH_FIELDS & set(schema):
+            raise ValueError(f"schema names {sorted(BATCH_FIELDS & set(schema))} clash with batch fields; rename them")
+        if len(shards) < world_size:
+            raise ValueError(f"{len(shards)} shards for {world_size} ranks: every rank needs a shard; "
+                             "write smaller shards or use fewer ranks")
+        self.shards = list(shards)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.num_workers, self.shuffle_buffer, self.schema = num_workers, shuffle_buffer, dict(schema)
+        self.num_train_timesteps, self.timestep_range = num_train_timesteps, timestep_range
+        self.num_slots_per_rank = max(num_workers, 1)  # num_workers=0 reads in-process, as one slot
+
+        # Slot s holds len(range(s, n, S)) shards whatever the shuffle; its worst case is the
+        # smallest ones. Per-slot floors make this a lower bound on every rank's batches.
+        num_slots = world_size * self.num_slots_per_rank
+        counts = sorted(s.num_pairs for s in self.shards)
+        def worst(slot: int) -> int:
+            return sum(counts[: len(range(slot, len(counts), num_slots))]) // batch_size
+        self.batches_per_epoch = min(
+            sum(worst(w * world_size + r) for w in range(self.num_slots_per_rank)) for r in range(world_size)
+        )
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{sum(counts)} pairs in {len(counts)} shards cannot give a batch of {batch_size} to "
+                             f"every rank in every shuffle; use fewer workers, a smaller batch or more data")
+
+    def _plan(self, epoch: int) -> list[tuple[list[ShardInfo], int]]:
+        """This rank's (shards, batch quota) per worker in this epoch; quotas sum to batches_per_epoch."""
+        order = list(self.shards)
+        random.Random(_seed_of(self.seed, epoch)).shuffle(order)
+        num_slots = self.world_size * self.num_slots_per_rank
+        plan = [order[w * self.world_size + self.rank :: num_slots] for w in range(self.num_slots_per_rank)]
+        quotas = [sum(s.num_pairs for s in shards) // self.batch_size for shards in plan]
+        assert sum(quotas) >= self.batches_per_epoch, (quotas, self.batches_per_epoch)
+        # Trim the fullest worker first, so the workers stay interleaved for as long as possible.
+        for _ in range(sum(quotas) - self.batches_per_epoch):
+            quotas[max(range(len(quotas)), key=lambda w: (quotas[w], w))] -= 1
+        return list(zip(plan, quotas))
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
+        """The batches of this epoch from batch skip_batches on: exactly batches_per_epoch - skip_batches."""
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches {skip_batches} is outside [0, {self.batches_per_epoch}]")
+        plan = self._plan(epoch)
+        skips, next_worker = _round_robin_resume([quota for _, quota in plan], skip_batches)
+        slots = [(shards, quota, skip) for (shards, quota), skip in zip(plan, skips)]
+        dataset = _EpochPairs(self, epoch, slots[next_worker:] + slots[:next_worker], first_slot=next_worker)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False, in_order=True)
+        num_yielded = 0
+        for batch in loader:
+            num_yielded += 1
+            yield batch
+        assert num_yielded == self.batches_per_epoch - skip_batches, (num_yielded, self.batches_per_epoch, skip_batches)
+
+
+class _EpochPairs(IterableDataset):
+    """One epoch of one rank; each DataLoader worker streams its own slot of the plan."""
+
+    def __init__(self, loader: PairLoader, epoch: int, plan: list[tuple[list[ShardInfo], int, int]], first_slot: int):
+        # plan is rotated: DataLoader worker i serves slot (first_slot + i); the slot seeds the shuffle.
+        self.cfg, self.epoch, self.plan, self.first_slot = loader, epoch, plan, first_slot
+        self.num_bad = 0  # since the previous batch; per worker, since each worker has its own copy
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        shards, quota, num_skip = self.plan[worker]
+        slot = (self.first_slot + worker) % len(self.plan)
+        return self._batches(slot, shards, quota, num_skip) if quota else iter(())
+
+    def _batches(self, slot: int, shards: list[ShardInfo], quota: int, num_skip: int) -> Iterator[dict]:
+        batch_size = self.cfg.batch_size
+        good = self._good_samples(shards, random.Random(_seed_of(self.cfg.seed, self.epoch, self.cfg.rank, slot)))
+        earliest: list[dict] = []  # repeated, in order, when bad samples leave the quota short
+        num_padded_total = 0
+        for batch_index in range(quota):
+            samples, num_padded = [], 0
+            while len(samples) < batch_size:
+                sample = next(good, None)
+                if sample is None:
+                    if not earliest:
+                        urls = ", ".join(s.url for s in shards)
+                        raise RuntimeError(f"rank {self.cfg.rank} worker {slot} found no good pair in epoch "
+                                           f"{self.epoch} in shards {urls}; see the warnings from dpo_ds.data")
+                    sample = earliest[num_padded_total % len(earliest)]
+                    num_padded += 1
+                    num_padded_total += 1
+                elif len(earliest) < batch_size:
+                    earliest.append(sample)
+                samples.append(sample)
+            if batch_index >= num_skip:  # skipped batches were read and checked, but never drawn or stacked
+                yield self._collate(samples, num_padded)
+        good.close()  # stops a pipe: command still streaming surplus pairs
+
+    def _good_samples(self, shards: list[ShardInfo], rng: random.Random) -> Iterator[dict]:
+        """Decoded good samples in shuffled order; bad ones are logged and counted in self.num_bad."""
+        shapes = None
+        for key, members, url in _shuffled(self._raw_samples(shards), self.cfg.shuffle_buffer, rng):
+            try:
+                sample = decode_sample(key, members, self.cfg.schema)
+                sample_shapes = {name: t.shape for name, t in sample["tensors"].items()}
+                if shapes is not None and sample_shapes != shapes:
+                    raise BadSample(f"shapes {sample_shapes} differ from this worker's first pair {shapes}; "
+                                    "a batch needs one shape per tensor")
+            except BadSample as e:
+                log.warning("bad pair %s in shard %s: %s; skipped", key, url, e)
+                self.num_bad += 1
+                continue
+            shapes = sample_shapes
+            yield sample
+
+    def _raw_samples(self, shards: list[ShardInfo]) -> Iterator[tuple[str, dict[str, bytes], str]]:
+        for shard in shards:
+            num_read = 0
+            try:
+                for key, members in _tar_samples(shard.url):
+                    num_read += 1
+                    yield key, members, shard.url
+            except _SHARD_ERRORS as e:
+                log.warning("shard %s unreadable after %d pairs: %s: %s", shard.url, num_read, type(e).__name__, e)
+            if num_read < shard.num_pairs:
+                log.warning("shard %s gave %d of its %d pairs; counting the rest as bad",
+                            shard.url, num_read, shard.num_pairs)
+                self.num_bad += shard.num_pairs - num_read
+
+    def _collate(self, samples: list[dict], num_padded: int) -> dict:
+        cfg = self.cfg
+        draws = [noise.draw(cfg.seed, s["key"], self.epoch, tuple(s["tensors"]["latents_w"].shape),
+                            cfg.num_train_timesteps, cfg.timestep_range) for s in samples]
+        batch = {
+            "keys": [s["key"] for s in samples],
+            "draw_index": torch.full((len(samples),), self.epoch, dtype=torch.long),
+            "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
+            "noise": torch.stack([n for _, n in draws]),
+        }
+        for name in sorted(samples[0]["tensors"]):
+            batch[name] = torch.stack([s["tensors"][name].float() for s in samples])
+        batch["num_bad"], batch["num_padded"] = self.num_bad, num_padded
+        self.num_bad = 0
+        return batch

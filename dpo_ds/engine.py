@@ -1,0 +1,265 @@
+"""Everything DeepSpeed: process group, engines, backward/step, checkpoint I/O, collectives.
+
+This is the only module that imports deepspeed. The trainer sees a `Policy`
+(trainable, ZeRO-2/3), a frozen reference engine (ZeRO-3 inference, parameters
+offloaded), and a handful of collective helpers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from dpo_ds.config import OptimConfig
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+# ---------------------------------------------------------------- processes
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) as the launcher announced them, before any process group exists.
+
+    The deepspeed launcher and torchrun set RANK/WORLD_SIZE; mpirun sets
+    OMPI_COMM_WORLD_*; srun sets SLURM_PROCID/SLURM_NTASKS.
+    """
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return 0, 1
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Join the process group (gloo on CPU, nccl on NVIDIA GPUs); a single process forms a group of one."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               auto_mpi_discovery=True, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if has_gpu():
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def has_gpu() -> bool:
+    return get_accelerator().device_name() != "cpu"
+
+
+def gpu_has_bf16() -> bool:
+    return has_gpu() and get_accelerator().is_bf16_supported()
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def max_memory_allocated_gb() -> float:
+    return get_accelerator().max_memory_allocated() / 2**30
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, returned). CPU tensors go through gloo; GPU ones through nccl."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` holds on at least one rank (every rank gets the same answer)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- optimizer
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier of optim.lr at optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _client_optimizer(params, cfg: OptimConfig, offload: bool) -> torch.optim.Optimizer:
+    if cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Fixed lr (no relative step), so the schedule above is the only one.
+        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+# ---------------------------------------------------------------- engines
+
+class Policy:
+    """The trainable denoiser inside a DeepSpeed engine (ZeRO stage from the DeepSpeed JSON)."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, optim: OptimConfig, max_steps: int):
+        zero = ds_config.get("zero_optimization", {})
+        is_offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        if is_offloaded and optim.name == "adafactor":
+            ds_config = {**ds_config, "zero_force_ds_cpu_optimizer": False}
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = None if "optimizer" in ds_config else _client_optimizer(params, optim, is_offloaded)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optim, max_steps)),
+        )
+        self.is_zero3 = zero.get("stage", 0) == 3
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def is_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, keep_last: int) -> None:
+        """Write a checkpoint on every rank; only then move `latest` to it and prune old ones.
+
+        `latest` is written last, by rank 0, after a barrier and atomically, so a
+        checkpoint cut off mid-write is never the one a resume picks.
+        """
+        client_state = {**client_state, "rng": _rng_state()}
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        barrier()
+        if rank() == 0:
+            Path(ckpt_dir, tag, COMPLETE).write_text("")
+            tmp = Path(ckpt_dir, LATEST + ".tmp")
+            tmp.write_text(tag)
+            os.replace(tmp, Path(ckpt_dir, LATEST))
+            _prune(Path(ckpt_dir), keep_last, keep=tag)
+        barrier()
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str) -> dict:
+        """Restore model, optimizer, scheduler and RNG state; return the client state."""
+        load_path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        if load_path is None:
+            raise ValueError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
+        _set_rng_state(client_state.pop("rng"))
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0's CPU (empty elsewhere), gathered one tensor at a time."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank() == 0:
+                    out[name] = p.detach().to("cpu", copy=True)
+        if rank() == 0:
+            out.update({name: b.detach().to("cpu", copy=True) for name, b in self.module.named_buffers()})
+        return out
+
+
+def build_reference(model: torch.nn.Module, policy_ds_config: dict, offload: str) -> "deepspeed.DeepSpeedEngine":
+    """A frozen copy for inference: ZeRO-3 partitioned, parameters offloaded to CPU between uses."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    zero = {"stage": 3}
+    if offload == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": has_gpu()}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": policy_ds_config["train_micro_batch_size_per_gpu"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": policy_ds_config.get("bf16", {}).get("enabled", False)},
+        "fp16": {"enabled": policy_ds_config.get("fp16", {}).get("enabled", False)},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def find_resume_tag(ckpt_dir: str, resume: str) -> str | None:
+    """The checkpoint tag to resume from: `none` -> None; `auto` -> the newest complete one, if any."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        latest = Path(ckpt_dir, LATEST)
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+    else:
+        tag = resume
+    if not Path(ckpt_dir, tag, COMPLETE).is_file():
+        raise ValueError(f"checkpoint.resume: {ckpt_dir}/{tag} is not a complete checkpoint")
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    # Tags are zero-padded step numbers, so name order is age order.
+    tags = sorted(d for d in ckpt_dir.iterdir() if d.is_dir() and (d / COMPLETE).is_file())
+    for d in tags[:-keep_last]:
+        if d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if has_gpu():
+        state["accelerator"] = get_accelerator().get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and has_gpu():
+        get_accelerator().set_rng_state(state["accelerator"])

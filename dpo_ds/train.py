@@ -1,0 +1,69 @@
+"""Entry point: `python -m dpo_ds.train --deepspeed DS.json --config RUN.yaml [--section.key=value ...]`.
+
+Everything a user can get wrong is checked before the process group starts,
+and reported in one line naming the file or key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dpo_ds import engine, models
+from dpo_ds.config import dump_config, load_config, resolve_ds_config, training_dtype
+from dpo_ds.data import list_shards
+
+log = logging.getLogger("dpo_ds")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="dpo_ds.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="run configuration YAML; any key can be overridden as --section.key=value")
+    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON, e.g. ds_configs/zero3.json")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world_size = engine.world_from_env()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, overrides)
+        dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
+        ds_config = resolve_ds_config(args.deepspeed, cfg, world_size, dtype)
+        spec = models.family(cfg.model.family)
+        spec.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
+        models.load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
+        shards = list_shards(cfg.data.shards)
+        if len(shards) < world_size:
+            raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "
+                             "write at least one shard per rank")
+    except ValueError as e:
+        print(f"dpo_ds.train: error: {e}", file=sys.stderr)
+        return 2
+
+    from dpo_ds.trainer import Trainer  # heavy imports (diffusers) only once the settings are known good
+
+    engine.init_distributed()
+    if engine.rank() == 0:
+        out = Path(cfg.output_dir)
+        dump_config(cfg, out / "config.yaml")
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    try:
+        Trainer(cfg, ds_config, dtype).fit()
+    except ValueError as e:
+        print(f"dpo_ds.train: rank {engine.rank()}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

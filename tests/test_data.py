@@ -1,0 +1,258 @@
+"""Shard writing, listing and reading (dpo_ds.data): CPU only, nothing downloaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+
+import pytest
+import safetensors.torch
+import torch
+
+from dpo_ds import data, noise
+
+SCHEMA = {"prompt_embeds": (77, 32), "pooled_prompt_embeds": (32,), "time_ids_w": (6,), "time_ids_l": (6,)}
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def make_pair(index: int) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(index)
+    meta = {"caption": f"caption {index}", "family": "sdxl", "latent_layout": "CHW", "scaling_factor": 0.13025,
+            "shift_factor": None, "label": 1.0, "source": {"row": index}}
+    tensors = {
+        "latents_w": torch.randn(4, 8, 8, generator=g).half(),
+        "latents_l": torch.randn(4, 8, 8, generator=g).half(),
+        "prompt_embeds": torch.randn(77, 32, generator=g),
+        "pooled_prompt_embeds": torch.randn(32, generator=g),
+        "time_ids_w": torch.tensor([64.0, 64, 0, 0, 64, 64]),
+        "time_ids_l": torch.tensor([64.0, 64, 0, 0, 64, 64]),
+    }
+    return f"pair{index:04d}", meta, tensors
+
+
+def write_pairs(out_dir, indices, max_pairs, prefix="shard") -> dict[str, tuple[dict, dict]]:
+    pairs = {}
+    with data.ShardWriter(str(out_dir), prefix=prefix, max_pairs=max_pairs) as writer:
+        for i in indices:
+            key, meta, tensors = make_pair(i)
+            writer.write(key, meta, tensors)
+            pairs[key] = (meta, tensors)
+    return pairs
+
+
+def write_raw_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A shard written without ShardWriter's checks, to hold bad samples."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def raw_members(index: int, **overrides) -> tuple[str, dict[str, bytes]]:
+    key, meta, tensors = make_pair(index)
+    tensors.update(overrides)
+    return key, {"json": json.dumps(meta).encode(), "safetensors": safetensors.torch.save(tensors)}
+
+
+def make_loader(shards, **kw) -> data.PairLoader:
+    args = dict(batch_size=3, rank=0, world_size=1, seed=7, num_workers=2, shuffle_buffer=4,
+                schema=SCHEMA, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+    return data.PairLoader(shards, **{**args, **kw})
+
+
+def all_keys(batches) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def test_round_trip(tmp_path):
+    pairs = write_pairs(tmp_path, range(30), max_pairs=8)
+    shards = data.list_shards(str(tmp_path))
+    assert [s.num_pairs for s in shards] == [8, 8, 8, 6]
+    batches = list(make_loader(shards, num_workers=0).epoch(0))
+    assert sorted(all_keys(batches)) == sorted(pairs)
+    for batch in batches:
+        for row, key in enumerate(batch["keys"]):
+            for name, tensor in pairs[key][1].items():
+                assert batch[name].dtype == torch.float32
+                torch.testing.assert_close(batch[name][row], tensor.float(), rtol=0, atol=0)
+    # The json is not in the batch; read it back the way a shard inspector would.
+    for shard in shards:
+        with tarfile.open(shard.url) as tar:
+            names = tar.getnames()
+            for key in {n.split(".")[0] for n in names}:
+                members = {ext: tar.extractfile(f"{key}.{ext}").read() for ext in ("json", "safetensors")}
+                assert data.decode_sample(key, members, SCHEMA)["meta"] == pairs[key][0]
+
+
+def test_shards_are_byte_identical_and_indexed(tmp_path):
+    write_pairs(tmp_path / "a", range(11), max_pairs=4)
+    write_pairs(tmp_path / "b", range(11), max_pairs=4)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == ["index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # no temp files left
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert index["format"] == "dpo_ds.shards/1"
+    assert [(e["num_pairs"], e["size_bytes"]) for e in index["shards"]] == [
+        (n, os.path.getsize(tmp_path / "a" / f"shard-{i:06d}.tar")) for i, n in enumerate([4, 4, 3])
+    ]
+    # A second writer with another prefix adds its shards to the same index.
+    write_pairs(tmp_path / "a", range(100, 102), max_pairs=4, prefix="extra")
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert [e["name"] for e in index["shards"]] == ["extra-000000.tar"] + names[1:]
+
+
+def test_stale_index_is_recounted(tmp_path):
+    write_pairs(tmp_path, range(6), max_pairs=6)
+    index_path = tmp_path / "index.json"
+    index = json.loads(index_path.read_text())
+    index["shards"][0]["num_pairs"] = 99
+    index_path.write_text(json.dumps(index))
+    assert data.list_shards(str(tmp_path))[0].num_pairs == 99  # size matches: the index is trusted
+    index["shards"][0]["size_bytes"] += 512
+    index_path.write_text(json.dumps(index))
+    assert data.list_shards(str(tmp_path))[0].num_pairs == 6
+
+
+@pytest.mark.parametrize("sizes", [[6] * 8, [5, 5, 5, 5, 5, 5, 1]])
+def test_split_across_ranks_and_workers(tmp_path, sizes):
+    pairs = {}
+    for i, size in enumerate(sizes):
+        pairs.update(write_pairs(tmp_path, range(100 * i, 100 * i + size), max_pairs=size, prefix=f"p{i}"))
+    shards = data.list_shards(str(tmp_path / "*.tar"))
+    for epoch in range(3):
+        loaders = [make_loader(shards, rank=r, world_size=2, batch_size=2) for r in range(2)]
+        assert loaders[0].batches_per_epoch == loaders[1].batches_per_epoch > 0
+        per_rank = [list(loader.epoch(epoch)) for loader in loaders]
+        assert [len(b) for b in per_rank] == [loaders[0].batches_per_epoch] * 2
+        keys = all_keys(per_rank[0]) + all_keys(per_rank[1])
+        assert len(keys) == len(set(keys)) == 2 * loaders[0].batches_per_epoch * 2
+        assert set(keys) <= set(pairs)
+        assert all(b["num_padded"] == 0 and b["num_bad"] == 0 for r in per_rank for b in r)
+    if len(set(sizes)) == 1:
+        assert set(keys) == set(pairs)  # equal shards dealt evenly: no surplus
+
+
+def test_order_and_draws_are_deterministic(tmp_path):
+    write_pairs(tmp_path, range(24), max_pairs=6)
+    shards = data.list_shards(str(tmp_path))
+    loader = make_loader(shards, timestep_range=(100, 900))
+    first, again, other = list(loader.epoch(2)), list(loader.epoch(2)), list(loader.epoch(3))
+    assert all_keys(first) == all_keys(again)
+    assert all_keys(first) != all_keys(other)
+    assert sorted(all_keys(first)) == sorted(all_keys(other))
+    for epoch, batches in ((2, first), (3, other)):
+        for batch in batches:
+            assert batch["draw_index"].dtype == torch.long and batch["draw_index"].tolist() == [epoch] * 3
+            # One noise tensor per pair, shaped like one latent: winner and loser share it.
+            assert batch["noise"].shape == batch["latents_w"].shape == (3, 4, 8, 8)
+            for row, key in enumerate(batch["keys"]):
+                t, eps = noise.draw(7, key, epoch, (4, 8, 8), NUM_TRAIN_TIMESTEPS, (100, 900))
+                assert batch["timesteps"][row].item() == t and 100 <= t < 900
+                assert torch.equal(batch["noise"][row], eps)
+    # The draw index changes the draw: the same pair gets new noise next epoch.
+    key = first[0]["keys"][0]
+    assert not torch.equal(noise.draw(7, key, 2, (4, 8, 8), 1000)[1], noise.draw(7, key, 3, (4, 8, 8), 1000)[1])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core CI box is fine
+@pytest.mark.parametrize("num_workers,max_pairs", [(2, 6), (3, 4)])
+def test_resume_mid_epoch(tmp_path, num_workers, max_pairs):
+    # Uneven worker quotas, so some workers run dry first and the round robin passes over them.
+    write_pairs(tmp_path, range(30), max_pairs=max_pairs)
+    loader = make_loader(data.list_shards(str(tmp_path)), num_workers=num_workers, batch_size=2)
+    full = list(loader.epoch(1))
+    assert len(full) == loader.batches_per_epoch
+    for skip in range(1, loader.batches_per_epoch + 1):
+        tail = list(loader.epoch(1, skip_batches=skip))
+        assert [b["keys"] for b in tail] == [b["keys"] for b in full[skip:]], skip
+        for resumed, original in zip(tail, full[skip:]):
+            for name in ("timesteps", "noise", "latents_w", "latents_l", "prompt_embeds"):
+                assert torch.equal(resumed[name], original[name])
+
+
+def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+    good = write_pairs(tmp_path, range(12), max_pairs=12, prefix="good")
+    write_raw_tar(tmp_path / "bad-000000.tar", [
+        raw_members(100),
+        ("missing", {"json": b"{}"}),
+        raw_members(101, latents_w=torch.full((4, 8, 8), float("nan")).half()),
+        (raw_members(102)[0], {**raw_members(102)[1], "pt": b"\x80\x04not really a pickle"}),
+        raw_members(103),
+    ])
+    write_pairs(tmp_path, range(200, 208), max_pairs=8, prefix="cut")
+    shards = data.list_shards(str(tmp_path / "*.tar"))
+    assert [s.num_pairs for s in shards] == [5, 8, 12]
+    cut = tmp_path / "cut-000000.tar"  # truncated after listing, as if it rotted on disk
+    cut.write_bytes(cut.read_bytes()[: 5 * 4096 + 700])
+
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        batches = list(make_loader(shards, batch_size=4, num_workers=0).epoch(0))
+    assert len(batches) == 25 // 4
+    keys = all_keys(batches)
+    num_bad = sum(b["num_bad"] for b in batches)
+    num_padded = sum(b["num_padded"] for b in batches)
+    distinct = set(keys)
+    assert set(good) | {"pair0100", "pair0103"} <= distinct
+    assert not distinct & {"missing", "pair0101", "pair0102"}
+    assert len(distinct) + num_bad == 25  # every listed pair is read once or counted bad
+    assert num_bad > 3 and num_padded == len(keys) - len(distinct) > 0
+    log = caplog.text
+    for key, reason in (("missing", "missing member"), ("pair0101", "non-finite"), ("pair0102", "pickle")):
+        assert key in log and reason in log and "bad-000000.tar" in log
+    assert str(cut) in log
+
+    # Across 2 ranks x 2 workers the bad shards cost batches nowhere: every rank yields the same count.
+    loaders = [make_loader(shards, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    assert [len(list(loader.epoch(0))) for loader in loaders] == [loaders[0].batches_per_epoch] * 2
+
+
+def test_a_worker_with_only_bad_pairs_fails_naming_its_shard(tmp_path):
+    write_raw_tar(tmp_path / "bad.tar", [raw_members(i, latents_l=torch.zeros(2, 2).half()) for i in range(4)])
+    with pytest.raises(RuntimeError, match="bad.tar"):
+        list(make_loader(data.list_shards(str(tmp_path / "bad.tar")), num_workers=0).epoch(0))
+
+
+def test_list_shards_specs_and_errors(tmp_path):
+    pairs = write_pairs(tmp_path / "d", range(10), max_pairs=3)
+    braced = data.list_shards(str(tmp_path / "d" / "shard-{000000..000003}.tar"))
+    assert [s.num_pairs for s in braced] == [3, 3, 3, 1]
+    assert braced == data.list_shards(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="shard-000004.tar does not exist"):
+        data.list_shards(str(tmp_path / "d" / "shard-{000000..000009}.tar"))
+    with pytest.raises(ValueError, match="no shards match .*nothing-"):
+        data.list_shards(str(tmp_path / "nothing-*.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=str(tmp_path / "empty")):
+        data.list_shards([str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="2 shards for 3 ranks"):
+        make_loader(braced[:2], world_size=3)
+
+    piped = data.list_shards([f"pipe:cat {s.url}" for s in braced])
+    assert [(s.num_pairs, s.size_bytes) for s in piped] == [(3, -1), (3, -1), (3, -1), (1, -1)]
+    local_batches = list(make_loader(braced, batch_size=2).epoch(0))
+    piped_batches = list(make_loader(piped, batch_size=2).epoch(0))
+    assert all_keys(piped_batches) == all_keys(local_batches) and set(all_keys(local_batches)) <= set(pairs)
+    assert torch.equal(piped_batches[-1]["latents_w"], local_batches[-1]["latents_w"])
+
+
+@pytest.mark.parametrize("key,override,reason", [
+    ("nan", {"latents_w": torch.full((4, 8, 8), float("nan")).half()}, "non-finite"),
+    ("fp32", {"latents_l": torch.zeros(4, 8, 8)}, "float16 or bfloat16"),
+    ("shapes", {"latents_l": torch.zeros(4, 8, 4).half()}, "differ in shape"),
+    ("has.dot", {}, "'.'"),
+    ("has/slash", {}, "'/'"),
+])
+def test_writer_rejects_bad_pairs(tmp_path, key, override, reason):
+    _, meta, tensors = make_pair(0)
+    with data.ShardWriter(str(tmp_path)) as writer:
+        with pytest.raises(ValueError, match=reason) as error:
+            writer.write(key, meta, {**tensors, **override})
+        assert repr(key) in str(error.value)
+        writer.write("fine", meta, tensors)
+    assert data.list_shards(str(tmp_path))[0].num_pairs == 1

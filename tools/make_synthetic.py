@@ -1,0 +1,72 @@
+"""Write shards of random latent pairs and a tiny SDXL-shaped model, for demos and tests.
+
+Writes (DESIGN.md §4 format):
+  OUT/shards/shard-NNNNNN.tar, OUT/shards/index.json   random latent pairs + SDXL conditioning
+  OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   a tiny UNet2DConditionModel
+  OUT/model/scheduler/scheduler_config.json                          SDXL's training scheduler
+
+Deterministic: the same arguments give byte-identical shards and weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from dpo_ds.data import ShardWriter
+from dpo_ds.models import sdxl
+
+
+def write_model(out_dir: str, seed: int, unet_config: dict | None = None) -> str:
+    """Save a freshly initialised tiny UNet and the scheduler config as a diffusers folder."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(unet_config or sdxl.TINY_UNET_CONFIG)
+    unet.save_pretrained(os.path.join(out_dir, "unet"), safe_serialization=True)
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sdxl.SDXL_SCHEDULER_CONFIG, f, indent=2)
+    return out_dir
+
+
+def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resolution: int, seed: int,
+                 unet_config: dict | None = None, vae_scale_factor: int = 8) -> str:
+    """Random pairs whose tensors match what `unet_config` expects."""
+    schema = sdxl.sample_schema(unet_config or sdxl.TINY_UNET_CONFIG, resolution, vae_scale_factor)
+    g = torch.Generator().manual_seed(seed)
+    with ShardWriter(out_dir, max_pairs=pairs_per_shard) as writer:
+        for i in range(num_pairs):
+            tensors = {name: torch.randn(shape, generator=g).to(torch.float16)
+                       for name, shape in schema.items() if not name.startswith("time_ids")}
+            for side in ("w", "l"):
+                h = w = resolution
+                tensors[f"time_ids_{side}"] = torch.tensor([h, w, 0, 0, resolution, resolution], dtype=torch.float32)
+            meta = {"caption": f"synthetic pair {i}", "family": "sdxl", "latent_layout": sdxl.LATENT_LAYOUT,
+                    "scaling_factor": 0.13025, "shift_factor": None, "label": 1.0,
+                    "source": {"tool": "make_synthetic", "seed": seed, "index": i}}
+            writer.write(f"pair{i:08d}", meta, tensors)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (gets shards/ and model/)")
+    p.add_argument("--num-pairs", type=int, default=64)
+    p.add_argument("--pairs-per-shard", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=64, help="pixel resolution; latents are resolution/8 per side")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    write_model(os.path.join(args.out, "model"), args.seed)
+    write_shards(os.path.join(args.out, "shards"), num_pairs=args.num_pairs, pairs_per_shard=args.pairs_per_shard,
+                 resolution=args.resolution, seed=args.seed)
+    print(f"wrote {args.num_pairs} pairs to {args.out}/shards and a tiny model to {args.out}/model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
