@@ -85,7 +85,10 @@ class TrainConfig(_Section):
 
 class OptimConfig(_Section):
     name: Literal["adamw", "adafactor"] = "adamw"
-    """AdamW, or Adafactor (factored second moments: less optimizer memory, as the paper used for SDXL)."""
+    """AdamW, or Adafactor (no first moment: half of AdamW's optimizer memory; the paper used it for SDXL).
+
+    ZeRO hands the optimizer flat 1-D partitions, so Adafactor's row/column
+    factoring does not apply under ZeRO-2/3: it keeps a full second moment."""
     lr: float = Field(1e-5, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)

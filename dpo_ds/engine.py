@@ -134,8 +134,8 @@ class Policy:
     def __init__(self, model: torch.nn.Module, ds_config: dict, optim: OptimConfig, max_steps: int):
         zero = ds_config.get("zero_optimization", {})
         is_offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-        if is_offloaded and optim.name == "adafactor":
-            ds_config = {**ds_config, "zero_force_ds_cpu_optimizer": False}
+        if optim.name == "adafactor":
+            ds_config = {**ds_config, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None if "optimizer" in ds_config else _client_optimizer(params, optim, is_offloaded)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

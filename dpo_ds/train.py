@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo_ds.train: error: {e}", file=sys.stderr)
         return 2
 
-    from dpo_ds.trainer import Trainer  # heavy imports (diffusers) only once the settings are known good
+    from dpo_ds.trainer import BadDataError, NonFiniteLossError, Trainer  # heavy imports (diffusers) only once the settings are known good
 
     engine.init_distributed()
     if engine.rank() == 0:
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dpo_ds.train: rank {engine.rank()}: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, BadDataError) as e:
+        # Raised on every rank at the same step (the decision is all-reduced); the
+        # last complete checkpoint stays the one a resume picks.
+        print(f"dpo_ds.train: rank {engine.rank()}: stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         engine.destroy()
     return 0

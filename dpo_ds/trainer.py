@@ -45,7 +45,11 @@ class TrainState:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many micro-batches in a row with a non-finite loss."""
+
+
+class BadDataError(RuntimeError):
+    """More bad samples than data.max_bad_fraction allows."""
 
 
 class Trainer:
@@ -111,8 +115,8 @@ class Trainer:
     # ------------------------------------------------------------ around the step
 
     def fit(self) -> TrainState:
-        cfg, state = self.cfg, self.state
         self._maybe_resume()
+        cfg, state = self.cfg, self.state
         is_writer = engine.rank() == 0
         metrics = Metrics(cfg.output_dir, is_writer=is_writer, total_steps=cfg.train.max_steps,
                           start_step=state.step, progress=cfg.logging.progress)
@@ -196,7 +200,7 @@ class Trainer:
         read, bad = counts.tolist()
         if bad and read >= min(MIN_PAIRS_FOR_BAD_FRACTION, self.total_pairs) and \
                 bad / read > self.cfg.data.max_bad_fraction:
-            raise RuntimeError(f"{int(bad)} of {int(read)} pairs read were bad (> data.max_bad_fraction = "
+            raise BadDataError(f"{int(bad)} of {int(read)} pairs read were bad (> data.max_bad_fraction = "
                                f"{self.cfg.data.max_bad_fraction}); see the warnings above for keys and shards")
 
     # ------------------------------------------------------------ checkpoints and export

@@ -129,4 +129,6 @@ def export(state_dict: dict[str, torch.Tensor], unet_config: dict, out_dir: str,
 
     unet = UNet2DConditionModel.from_config(unet_config)
     unet.load_state_dict(state_dict, strict=True)
-    unet.to(dtype).save_pretrained(out_dir, safe_serialization=True)
+    if dtype != torch.float32:
+        unet = unet.to(dtype)
+    unet.save_pretrained(out_dir, safe_serialization=True)

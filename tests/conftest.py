@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny synthetic data and model made by the real tool, and a launcher helper."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    """The test's environment for child processes: this venv's tools first on PATH, no GPUs."""
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e["PYTHONUNBUFFERED"] = "1"
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """32 synthetic pairs in 4 shards, and a tiny SDXL-shaped model folder, from tools/make_synthetic.py."""
+    out = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out),
+                    "--num-pairs", "32", "--pairs-per-shard", "8", "--resolution", "64", "--seed", "0"],
+                   check=True, env=env(), capture_output=True)
+    return out
+
+
+def write_run_config(path: Path, tiny: Path, output_dir: Path, **sections) -> Path:
+    """A run config for the tiny model; `sections` update it, e.g. train={"max_steps": 3}."""
+    import yaml
+
+    cfg = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "model": {"pretrained_path": str(tiny / "model")},
+        "data": {"shards": str(tiny / "shards"), "resolution": 64, "num_workers": 1, "shuffle_buffer": 8},
+        "dpo": {"beta": 500.0},
+        "train": {"micro_batch_size": 2, "max_steps": 4},
+        "optim": {"lr": 1.0e-4},
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "logging": {"progress": True},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def deepspeed_train(config: Path, *overrides: str, nproc: int = 2, ds_config: str = "ds_configs/zero3.json",
+                    timeout: float = 600) -> subprocess.CompletedProcess:
+    """Train through the real `deepspeed` launcher with `nproc` CPU processes."""
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / ds_config), "--config", str(config),
+           *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

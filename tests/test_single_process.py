@@ -1,0 +1,84 @@
+"""One process, no launcher: ZeRO-2 with Adafactor and a cosine schedule, the frozen reference, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, env, free_port, write_run_config
+
+pytestmark = pytest.mark.slow
+
+PROBE = r"""
+import json, sys
+import deepspeed, torch
+from dpo_ds import engine
+from dpo_ds.config import load_config, resolve_ds_config
+from dpo_ds.trainer import Trainer
+
+cfg = load_config(sys.argv[1])
+engine.init_distributed()
+trainer = Trainer(cfg, resolve_ds_config(sys.argv[2], cfg, 1, "fp32"), "fp32")
+
+def reference_weights():
+    out = {}
+    for name, p in trainer.reference.engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            out[name] = p.detach().clone()
+    return out
+
+ref_before, policy_before = reference_weights(), trainer.policy.full_state_dict()
+lrs = []
+step = trainer.policy.step
+trainer.policy.step = lambda: (step(), lrs.append(trainer.policy.lr()))
+trainer.fit()
+ref_after, policy_after = reference_weights(), trainer.policy.full_state_dict()
+print("RESULT " + json.dumps({
+    "reference_requires_grad": any(p.requires_grad for p in trainer.reference.engine.module.parameters()),
+    "reference_training": trainer.reference.engine.module.training,
+    "reference_changed": [n for n in ref_before if not torch.equal(ref_before[n], ref_after[n])],
+    "policy_unmoved": [n for n in policy_before if torch.equal(policy_before[n], policy_after[n])],
+    "optimizer": type(trainer.policy.optimizer.optimizer if hasattr(trainer.policy.optimizer, "optimizer")
+                      else trainer.policy.optimizer).__name__,
+    "lrs": lrs,
+}))
+"""
+
+
+def test_zero2_adafactor_cosine_and_frozen_reference(tiny, tmp_path):
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run",
+                           train={"max_steps": 4}, optim={"name": "adafactor", "lr": 1e-3, "warmup_steps": 1,
+                                                          "schedule": "cosine", "min_lr_ratio": 0.1},
+                           checkpoint={"every_steps": 100, "export": False})
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    e = env() | {"MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(script), str(cfg), str(REPO / "ds_configs" / "zero2.json")],
+                          cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["reference_changed"] == [] and not result["reference_requires_grad"]
+    assert not result["reference_training"]
+    assert result["policy_unmoved"] == []
+    assert "Adafactor" in result["optimizer"]
+    # warmup to 1e-3 at step 0, then cosine towards 1e-4 at step 4 (lr read after each step's update)
+    lrs = result["lrs"]
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2] > lrs[3] >= 1e-4 - 1e-12
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(tiny, tmp_path):
+    """An absurd learning rate makes the loss non-finite; the run skips, counts, then stops cleanly."""
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run",
+                           train={"max_steps": 30, "max_nonfinite_in_row": 2, "grad_clip": 0.0},
+                           optim={"lr": 1e30}, checkpoint={"every_steps": 1, "keep_last": 1, "export": False})
+    e = env() | {"MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero3.json",
+                           "--config", str(cfg)], cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-5000:]
+    assert "non-finite loss on some rank; micro-batch skipped (1 in a row" in proc.stderr
+    assert "stopped: 2 micro-batches in a row had a non-finite loss" in proc.stderr
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    assert (tmp_path / "run" / "checkpoints" / latest / "COMPLETE").is_file()
