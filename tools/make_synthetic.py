@@ -35,14 +35,20 @@ def write_model(out_dir: str, seed: int, unet_config: dict | None = None) -> str
 
 
 def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resolution: int, seed: int,
-                 unet_config: dict | None = None, vae_scale_factor: int = 8) -> str:
-    """Random pairs whose tensors match what `unet_config` expects."""
+                 unet_config: dict | None = None, vae_scale_factor: int = 8, signal: float = 0.0) -> str:
+    """Random pairs whose tensors match what `unet_config` expects.
+
+    signal > 0 gives the pairs a learnable preference: latent channel 0 is
+    shifted by +signal in winners and by -signal in losers.
+    """
     schema = sdxl.sample_schema(unet_config or sdxl.TINY_UNET_CONFIG, resolution, vae_scale_factor)
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(out_dir, max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
             tensors = {name: torch.randn(shape, generator=g).to(torch.float16)
                        for name, shape in schema.items() if not name.startswith("time_ids")}
+            tensors["latents_w"][0] += signal
+            tensors["latents_l"][0] -= signal
             for side in ("w", "l"):
                 h = w = resolution
                 tensors[f"time_ids_{side}"] = torch.tensor([h, w, 0, 0, resolution, resolution], dtype=torch.float32)
@@ -60,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-per-shard", type=int, default=16)
     p.add_argument("--resolution", type=int, default=64, help="pixel resolution; latents are resolution/8 per side")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signal", type=float, default=0.0,
+                   help="shift of latent channel 0, + in winners and - in losers (0: no learnable preference)")
     args = p.parse_args(argv)
     write_model(os.path.join(args.out, "model"), args.seed)
     write_shards(os.path.join(args.out, "shards"), num_pairs=args.num_pairs, pairs_per_shard=args.pairs_per_shard,
-                 resolution=args.resolution, seed=args.seed)
+                 resolution=args.resolution, seed=args.seed, signal=args.signal)
     print(f"wrote {args.num_pairs} pairs to {args.out}/shards and a tiny model to {args.out}/model")
     return 0
 
