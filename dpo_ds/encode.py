@@ -1,0 +1,347 @@
+"""Raw preference pairs -> what a shard sample holds: manifests, image preparation, SDXL encoders.
+
+Used by tools/encode_pairs.py. Legend: B = pairs in a batch, R = target resolution (pixels),
+C/h/w = latent channels and sides (R / vae_scale_factor). Pixels travel as uint8 [3 x R x R]
+until the batch is encoded; the encoders take [N x 3 x R x R] in [-1, 1].
+
+Manifest rows are dicts of column -> value; an image value is raw bytes, a path (relative to
+the manifest's folder or image_root), or a Hugging Face `{"bytes", "path"}` struct.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".csv")
+# Pick-a-Pic stores inline bytes as jpg_0/jpg_1; other exports name them image_0/image_1.
+DEFAULT_IMAGE_COLUMNS = (("jpg_0", "jpg_1"), ("image_0", "image_1"))
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_PARQUET_BATCH_ROWS = 64  # rows decoded at a time; inline images make rows large
+
+
+class BadRow(ValueError):
+    """A manifest row that cannot become a pair; `reason` is a short category for the summary."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def rank_and_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as the launcher announced them: deepspeed/torchrun, mpirun, srun.
+
+    The same variables as engine.world_from_env, which cannot be used here: engine imports
+    deepspeed, and encoding needs no process group.
+    """
+    for rank_var, size_var, local_var in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                                          ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                                           "OMPI_COMM_WORLD_LOCAL_RANK"),
+                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+                                          ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var]), int(os.environ.get(local_var, "0"))
+    return 0, 1, 0
+
+
+def key_fraction(key: str) -> float:
+    """A uniform number in [0, 1) that depends on the key only, so a split by it is stable as data grows."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2.0**64
+
+
+# ---------------------------------------------------------------- manifests
+
+class Manifest:
+    """Rows of one or more Parquet / JSONL / CSV files, numbered globally in file order.
+
+    Parquet is read lazily (only the row groups a range touches, only the needed columns);
+    JSONL by line offsets; CSV is read whole (it holds paths, not image bytes).
+    """
+
+    def __init__(self, paths: list[str], columns: list[str]):
+        if not paths:
+            raise ValueError("no manifest given; pass --manifest FILE.parquet|.jsonl|.csv")
+        self.paths, self.columns = list(paths), list(columns)
+        self._files: list[tuple[str, int, object]] = []  # (path, num_rows, reader state)
+        for path in self.paths:
+            if not os.path.isfile(path):
+                raise ValueError(f"manifest {path} does not exist")
+            suffix = os.path.splitext(path)[1].lower()
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                pf = pq.ParquetFile(path)
+                absent = [c for c in self.columns if c not in pf.schema_arrow.names]
+                if absent:
+                    raise ValueError(f"manifest {path} has no column(s) {absent} (it has {pf.schema_arrow.names}); "
+                                     "name the right ones with --caption-column/--image-columns/--label-columns")
+                self._files.append((path, pf.metadata.num_rows, pf))
+            elif suffix == ".jsonl":
+                offsets, pos = [], 0
+                with open(path, "rb") as f:
+                    for line in f:
+                        if line.strip():
+                            offsets.append(pos)
+                        pos += len(line)
+                self._files.append((path, len(offsets), offsets))
+            elif suffix == ".csv":
+                with open(path, newline="", encoding="utf-8") as f:
+                    rows = list(csv.DictReader(f))
+                self._files.append((path, len(rows), rows))
+            else:
+                raise ValueError(f"manifest {path}: unknown format {suffix!r}; use one of {MANIFEST_SUFFIXES}")
+        self.num_rows = sum(n for _, n, _ in self._files)
+
+    def fingerprint(self) -> list[dict]:
+        return [{"name": os.path.basename(p), "num_rows": n, "size_bytes": os.path.getsize(p)}
+                for p, n, _ in self._files]
+
+    def rows(self, start: int, stop: int) -> Iterator[tuple[int, str, dict]]:
+        """(global row index, manifest path, row) for rows [start, stop)."""
+        first = 0
+        for path, num_rows, state in self._files:
+            lo, hi = max(start, first) - first, min(stop, first + num_rows) - first
+            if lo < hi:
+                for i, row in enumerate(self._file_rows(path, state, lo, hi)):
+                    yield first + lo + i, path, row
+            first += num_rows
+
+    def _file_rows(self, path: str, state: object, lo: int, hi: int) -> Iterator[dict]:
+        if isinstance(state, list) and (not state or isinstance(state[0], int)):  # JSONL offsets
+            with open(path, "rb") as f:
+                for offset in state[lo:hi]:
+                    f.seek(offset)
+                    line = f.readline()
+                    try:
+                        row = json.loads(line)
+                    except ValueError as e:
+                        row = {"__error__": f"line is not JSON: {e}"}
+                    yield row if isinstance(row, dict) else {"__error__": "line is not a JSON object"}
+        elif isinstance(state, list):  # CSV rows
+            for row in state[lo:hi]:
+                yield {k: (v if v != "" else None) for k, v in row.items()}
+        else:  # pyarrow ParquetFile: read only the row groups that overlap [lo, hi)
+            meta = state.metadata
+            groups, group_start, skip = [], 0, None
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                if group_start < hi and group_start + n > lo:
+                    groups.append(g)
+                    skip = lo - group_start if skip is None else skip
+                group_start += n
+            remaining = hi - lo
+            for batch in state.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=self.columns):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                batch = batch.slice(skip, min(remaining, batch.num_rows - skip))
+                skip = 0
+                yield from batch.to_pylist()
+                remaining -= batch.num_rows
+                if remaining <= 0:
+                    return
+
+
+# ---------------------------------------------------------------- one row -> one prepared pair
+
+@dataclass
+class PreparedPair:
+    """A row ready to encode: winner first. pixels uint8 [3 x R x R]; time_ids [6] float32."""
+
+    key: str
+    row: int
+    caption: str
+    pixels_w: torch.Tensor
+    pixels_l: torch.Tensor
+    time_ids_w: torch.Tensor
+    time_ids_l: torch.Tensor
+    source: dict
+    has_mismatched_sizes: bool
+
+
+def _field(row: dict, column: str) -> object:
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise BadRow(f"missing {column}", f"column {column!r} is absent or empty")
+    return value
+
+
+def _image_bytes(value: object, column: str, root: str) -> bytes:
+    if isinstance(value, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) else os.path.join(root, value)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise BadRow(f"unreadable {column}", f"{path}: {e.strerror or e}") from None
+    raise BadRow(f"unreadable {column}", f"value is a {type(value).__name__}, expected bytes or a path")
+
+
+def _open_image(data: bytes, column: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise BadRow(f"unreadable {column}", f"{len(data)} bytes that are not an image PIL can decode") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated files, bombs, bad modes
+        raise BadRow(f"unreadable {column}", f"{type(e).__name__}: {e}") from None
+
+
+def resize_and_crop(image: Image.Image, resolution: int, crop_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shorter side to `resolution`, then a square crop: center, or random from crop_seed.
+
+    Returns pixels uint8 [3 x R x R] and SDXL's micro-conditioning [6] = (original h, w,
+    crop top, crop left, target h, w), the crop measured after the resize as SDXL was trained.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
+    if crop_seed is None:
+        top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    else:
+        rng = random.Random(crop_seed)
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    time_ids = torch.tensor([height, width, top, left, resolution, resolution], dtype=torch.float32)
+    return pixels, time_ids
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """How to read a row: column names, where relative paths start, what to do with its images."""
+
+    caption_column: str
+    image_columns: tuple[str, str]
+    label_columns: tuple[str, str]
+    key_column: str | None
+    image_root: str | None
+    resolution: int
+    random_crop_seed: int | None  # None: center crop
+    drop_mismatched_sizes: bool
+
+
+def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> PreparedPair:
+    """One manifest row -> a PreparedPair with the winner first. Raises BadRow with the reason."""
+    if "__error__" in row:
+        raise BadRow("unparsable row", row["__error__"])
+    caption = _field(row, spec.caption_column)
+    if not isinstance(caption, str):
+        raise BadRow(f"missing {spec.caption_column}", f"caption is a {type(caption).__name__}, expected text")
+    labels = []
+    for column in spec.label_columns:
+        try:
+            labels.append(float(_field(row, column)))
+        except (TypeError, ValueError):
+            raise BadRow("bad label", f"{column}={row.get(column)!r} is not a number") from None
+    if not all(math.isfinite(x) for x in labels):
+        raise BadRow("bad label", f"labels {labels} are not finite")
+    if labels[0] == labels[1]:
+        raise BadRow("tie", f"labels {labels}")
+    data = [_image_bytes(_field(row, c), c, spec.image_root or os.path.dirname(manifest_path))
+            for c in spec.image_columns]
+
+    if spec.key_column is not None:
+        key = str(_field(row, spec.key_column))
+        if not _KEY_OK.match(key):
+            raise BadRow("bad key", f"{spec.key_column}={key!r} must be letters, digits, '_' or '-'")
+    else:  # what the pair is, not where it sits: the same key whatever the row order or world size
+        digest = hashlib.sha256()
+        for part in (caption.encode("utf-8"), *data):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+        key = digest.hexdigest()[:32]
+
+    images = [_open_image(d, c) for d, c in zip(data, spec.image_columns)]
+    has_mismatched_sizes = images[0].size != images[1].size
+    if has_mismatched_sizes and spec.drop_mismatched_sizes:
+        raise BadRow("mismatched sizes", f"{spec.image_columns[0]} is {images[0].size}, "
+                                         f"{spec.image_columns[1]} is {images[1].size}")
+    winner = 0 if labels[0] > labels[1] else 1
+    order = (winner, 1 - winner)
+    crop_seeds = [None, None] if spec.random_crop_seed is None else \
+        [int.from_bytes(hashlib.sha256(f"{spec.random_crop_seed}\0{key}\0{side}".encode()).digest()[:8], "little")
+         for side in ("w", "l")]
+    (pixels_w, time_ids_w), (pixels_l, time_ids_l) = (
+        resize_and_crop(images[i], spec.resolution, seed) for i, seed in zip(order, crop_seeds))
+    source = {"manifest": os.path.basename(manifest_path), "row": index, "winner": spec.image_columns[winner],
+              "labels": labels, "crop": "center" if spec.random_crop_seed is None else "random",
+              "crop_seeds": crop_seeds, "original_sizes": [list(images[i].size[::-1]) for i in order]}
+    if spec.key_column is not None:
+        source["id"] = key
+    return PreparedPair(key, index, caption, pixels_w, pixels_l, time_ids_w, time_ids_l, source, has_mismatched_sizes)
+
+
+# ---------------------------------------------------------------- SDXL encoders
+
+def _subfolder(root: str, name: str) -> str:
+    path = os.path.join(root, name)
+    if not os.path.isdir(path):
+        raise ValueError(f"model folder {root} has no {name}/; point --model at an SDXL-layout diffusers folder "
+                         "(vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+    return path
+
+
+class SDXLEncoder:
+    """The SDXL VAE and two CLIP text encoders from a local diffusers folder, frozen, in eval mode."""
+
+    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        vae_path = vae_path or _subfolder(model_path, "vae")
+        if not os.path.isfile(os.path.join(vae_path, "config.json")):
+            raise ValueError(f"--vae {vae_path} has no config.json; point it at an AutoencoderKL folder")
+        self.device, self.dtype = device, dtype
+        self.vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        shift = self.vae.config.shift_factor  # None for SDXL's VAE
+        self.shift_factor = None if shift is None else float(shift)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.tokenizers = [CLIPTokenizer.from_pretrained(_subfolder(model_path, n))
+                           for n in ("tokenizer", "tokenizer_2")]
+        self.text_encoders = [
+            cls.from_pretrained(_subfolder(model_path, n), torch_dtype=dtype).to(device).eval().requires_grad_(False)
+            for cls, n in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
+
+    @torch.no_grad()
+    def encode_images(self, pixels_N3RR: torch.Tensor) -> torch.Tensor:
+        """uint8 [N x 3 x R x R] -> scaled (and shifted) latents [N x C x h x w], float32.
+
+        The posterior mean, not a sample: a sample would freeze one random draw into the data.
+        """
+        x = pixels_N3RR.to(self.device, torch.float32).div(127.5).sub(1.0).to(self.dtype)
+        latents = self.vae.encode(x).latent_dist.mode().float()
+        if self.shift_factor is not None:
+            latents = latents - self.shift_factor
+        return latents * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions [B] -> prompt_embeds [B x 77 x (D1 + D2)] (penultimate states), pooled [B x P], float32."""
+        states = []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].float())
+        return torch.cat(states, dim=-1), out.text_embeds.float()  # pooled: text_encoder_2's projection
