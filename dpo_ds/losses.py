@@ -38,6 +38,7 @@ def diffusion_dpo_loss(
     *,
     beta: float,
     weights: torch.Tensor | None = None,
+    loser_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO loss: mean over pairs of −log σ(−(β/2)·z).
 
@@ -45,6 +46,10 @@ def diffusion_dpo_loss(
     shared timestep and noise per pair; `weights` is an optional [N] ω(t).
     z = (e_w − r_w) − (e_l − r_l). Returns the scalar loss and detached [ ]
     diagnostics (DESIGN.md §1).
+
+    loser_weight scales the gradient that flows through e_l (1: the paper's
+    loss; 0: the loser only sets the sigmoid's weight). The value of the loss
+    does not change.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -55,6 +60,11 @@ def diffusion_dpo_loss(
     if weights is not None and weights.shape != model_err_w.shape:
         raise ValueError(f"weights must have shape {tuple(model_err_w.shape)}, got {tuple(weights.shape)}")
 
+    if not 0.0 <= loser_weight <= 1.0:
+        raise ValueError(f"loser_weight must be in [0, 1], got {loser_weight}")
+    if loser_weight != 1.0:
+        # Same value, gradient scaled: w·e_l + (1 − w)·stopgrad(e_l).
+        model_err_l = loser_weight * model_err_l + (1.0 - loser_weight) * model_err_l.detach()
     gap_w = model_err_w - ref_err_w
     gap_l = model_err_l - ref_err_l
     z = gap_w - gap_l
@@ -73,3 +83,91 @@ def diffusion_dpo_loss(
             **{name: e.detach().mean() for name, e in errs.items()},
         }
     return loss, {k: v.detach() for k, v in diagnostics.items()}
+
+
+def diffusion_ipo_loss(
+    model_err_w: torch.Tensor,
+    model_err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    *,
+    beta: float,
+    margin: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IPO-style bounded target (Azar et al., 2023): mean over pairs of (−(β/2)·z − margin)².
+
+    Unlike DPO's −log σ, the squared loss stops pushing once a pair's reward
+    margin reaches `margin`, so the loser's error is not raised without bound.
+    Inputs as for `diffusion_dpo_loss`; same diagnostics.
+    """
+    _, diagnostics = diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=beta)
+    z = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
+    loss = (-0.5 * beta * z - margin).pow(2).mean()
+    return loss, diagnostics
+
+
+def sft_loss(*errors: torch.Tensor) -> torch.Tensor:
+    """The plain diffusion objective: mean of the given [N] per-sample errors."""
+    return torch.cat(errors).mean()
+
+
+def preference_loss(
+    model_err_w: torch.Tensor,
+    model_err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    *,
+    kind: str,
+    beta: float,
+    loser_weight: float = 1.0,
+    sft_weight: float = 0.0,
+    winner_hinge: float = 0.0,
+    ipo_margin: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured objective: a DPO or IPO term plus optional regularisers.
+
+    kind: "dpo" (diffusion_dpo_loss with loser_weight) or "ipo".
+    sft_weight λ adds λ·mean(e_w): keep denoising the preferred images well.
+    winner_hinge μ adds μ·mean(max(0, e_w − r_w)): penalise getting worse than
+    the reference on what was preferred (the degradation DESIGN.md §1 warns of).
+    """
+    if kind == "dpo":
+        loss, diag = diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=beta,
+                                        loser_weight=loser_weight)
+    elif kind == "ipo":
+        loss, diag = diffusion_ipo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=beta,
+                                        margin=ipo_margin)
+    else:
+        raise ValueError(f"preference loss kind {kind!r} is not 'dpo' or 'ipo'")
+    if sft_weight:
+        loss = loss + sft_weight * model_err_w.mean()
+    if winner_hinge:
+        loss = loss + winner_hinge * torch.relu(model_err_w - ref_err_w).mean()
+    return loss, diag
+
+
+TIMESTEP_BUCKETS = ("low", "mid", "high")
+
+
+def bucket_sums(
+    model_err_w: torch.Tensor,
+    model_err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    timesteps: torch.Tensor,
+    num_train_timesteps: int,
+) -> torch.Tensor:
+    """Per noise-level bucket (thirds of [0, T): low, mid, high noise): sums to reduce across ranks.
+
+    Returns [3 x 4] float64: per bucket (pairs, correct pairs, Σ(e_w − r_w), Σ(e_l − r_l)),
+    ties counting one half as in implicit accuracy. Divide by the pair count after reducing.
+    """
+    gap_w = (model_err_w - ref_err_w).detach().double()
+    gap_l = (model_err_l - ref_err_l).detach().double()
+    z = gap_w - gap_l
+    correct = (z < 0).double() + 0.5 * (z == 0).double()
+    bucket = (timesteps.long() * len(TIMESTEP_BUCKETS) // num_train_timesteps).clamp(0, len(TIMESTEP_BUCKETS) - 1)
+    out = torch.zeros(len(TIMESTEP_BUCKETS), 4, dtype=torch.float64, device=z.device)
+    for column, values in enumerate((torch.ones_like(z), correct, gap_w, gap_l)):
+        out[:, column].index_add_(0, bucket.to(z.device), values)
+    return out

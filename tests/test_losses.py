@@ -94,3 +94,71 @@ def test_beta_must_be_positive():
     z = torch.zeros(1)
     with pytest.raises(ValueError, match="beta"):
         diffusion_dpo_loss(z, z, z, z, beta=0.0)
+
+
+def test_loser_weight_scales_only_the_loser_gradient():
+    r = torch.tensor([0.2, 0.2])
+    grads = {}
+    for w in (1.0, 0.25, 0.0):
+        e_w = torch.tensor([0.25, 0.1], requires_grad=True)
+        e_l = torch.tensor([0.1, 0.3], requires_grad=True)
+        loss, _ = diffusion_dpo_loss(e_w, e_l, r, r, beta=20.0, loser_weight=w)
+        loss.backward()
+        grads[w] = (loss.item(), e_w.grad.clone(), e_l.grad.clone())
+    assert grads[0.25][0] == pytest.approx(grads[1.0][0]) == pytest.approx(grads[0.0][0])
+    assert torch.allclose(grads[0.25][1], grads[1.0][1]) and torch.allclose(grads[0.0][1], grads[1.0][1])
+    assert torch.allclose(grads[0.25][2], 0.25 * grads[1.0][2]) and torch.equal(grads[0.0][2], torch.zeros(2))
+    with pytest.raises(ValueError, match="loser_weight"):
+        diffusion_dpo_loss(r, r, r, r, beta=1.0, loser_weight=1.5)
+
+
+def test_ipo_is_bounded_at_the_margin():
+    from dpo_ds.losses import diffusion_ipo_loss
+
+    r = torch.tensor([0.2])
+    # −(β/2)·z = margin exactly: zero loss, zero gradient.
+    e_w = torch.tensor([0.2 - 0.1], requires_grad=True)
+    loss, _ = diffusion_ipo_loss(e_w, r, r, r, beta=20.0, margin=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-10) and e_w.grad.abs().item() < 1e-5
+    # past the margin the loss pulls back: descent raises e_w again (DPO would keep lowering it)
+    e_w = torch.tensor([0.0], requires_grad=True)
+    loss, _ = diffusion_ipo_loss(e_w, r, r, r, beta=20.0, margin=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0) and e_w.grad.item() < 0
+
+
+def test_preference_loss_regularisers():
+    from dpo_ds.losses import preference_loss
+
+    e_w, e_l = torch.tensor([0.3, 0.1]), torch.tensor([0.2, 0.2])
+    r = torch.tensor([0.2, 0.2])
+    base, _ = preference_loss(e_w, e_l, r, r, kind="dpo", beta=10.0)
+    plain, _ = diffusion_dpo_loss(e_w, e_l, r, r, beta=10.0)
+    assert base.item() == pytest.approx(plain.item())
+    sft, _ = preference_loss(e_w, e_l, r, r, kind="dpo", beta=10.0, sft_weight=2.0)
+    assert sft.item() == pytest.approx(plain.item() + 2.0 * 0.2)
+    hinge, _ = preference_loss(e_w, e_l, r, r, kind="dpo", beta=10.0, winner_hinge=3.0)
+    assert hinge.item() == pytest.approx(plain.item() + 3.0 * (0.1 + 0.0) / 2)
+    with pytest.raises(ValueError, match="kind"):
+        preference_loss(e_w, e_l, r, r, kind="kto", beta=1.0)
+
+
+def test_sft_loss_is_the_mean_error():
+    from dpo_ds.losses import sft_loss
+
+    assert sft_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])).item() == 2.0
+
+
+def test_bucket_sums():
+    from dpo_ds.losses import bucket_sums
+
+    e_w = torch.tensor([0.1, 0.3, 0.2, 0.2])
+    e_l = torch.tensor([0.2, 0.2, 0.2, 0.2])
+    r = torch.full((4,), 0.2)
+    out = bucket_sums(e_w, e_l, r, r, torch.tensor([0, 100, 500, 999]), 1000)
+    assert out[:, 0].tolist() == [2.0, 1.0, 1.0]          # pairs per bucket
+    assert out[:, 1].tolist() == [1.0, 0.5, 0.5]          # correct (ties count 1/2)
+    assert out[:, 2].tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-7)  # −0.1 and +0.1 in "low"
+    assert out[0, 1].item() == 1.0
+    assert out[:, 3].abs().sum().item() == pytest.approx(0.0, abs=1e-7)
