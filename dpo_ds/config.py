@@ -104,12 +104,29 @@ class OptimConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    mode: Literal["live"] = "live"
-    """Where reference errors come from: `live` runs the frozen reference model each step."""
+    mode: Literal["live", "cache"] = "live"
+    """Where reference errors come from: `live` runs the frozen reference model each step; `cache` reads
+    them from reference.cache_dir (written by tools/precompute_ref.py) and never builds the reference."""
+    cache_dir: str | None = None
+    """Reference cache directory: read by training with mode=cache, written by tools/precompute_ref.py."""
     pretrained_path: str | None = None
     """Reference weights (a diffusers folder); default: the policy's initial weights."""
     offload: Literal["cpu", "none"] = "cpu"
     """Where the live reference's ZeRO-3 parameter partitions live between uses."""
+    drift_check_every: int = Field(0, ge=0)
+    """With mode=cache: every N optimizer steps recompute some cached errors with a live reference and log the
+    largest absolute difference as ref/cache_drift (0 = off; on, the reference model is built after all)."""
+    drift_check_fraction: float = Field(0.25, gt=0, le=1)
+    """Fraction of a micro-batch's pairs (at least one) that a drift check recomputes."""
+
+    @model_validator(mode="after")
+    def _cache_settings(self) -> "ReferenceConfig":
+        if self.mode == "cache" and not self.cache_dir:
+            raise ValueError("reference.mode=cache needs reference.cache_dir (a folder written by tools/precompute_ref.py)")
+        if self.drift_check_every and self.mode != "cache":
+            raise ValueError("reference.drift_check_every compares a cache with the live reference; "
+                             "it needs reference.mode=cache (or set it to 0)")
+        return self
 
 
 class CheckpointConfig(_Section):

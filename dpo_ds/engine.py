@@ -12,6 +12,8 @@ import math
 import os
 import random
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import deepspeed
@@ -41,15 +43,54 @@ def world_from_env() -> tuple[int, int]:
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Join the process group (gloo on CPU, nccl on NVIDIA GPUs); a single process forms a group of one."""
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    """Join the process group (gloo on CPU, nccl on NVIDIA GPUs); a single process forms a group of one.
+
+    Ranks come from the launcher: RANK/WORLD_SIZE (deepspeed, torchrun), SLURM_* (srun), or mpi4py
+    (mpirun). A rank that dies makes its peers' collectives fail (gloo at once, nccl after
+    `timeout_minutes`), and every launcher then ends the job.
+    """
+    if "RANK" not in os.environ:
+        if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
+            _env_from_slurm()
+        elif "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
+            _env_from_mpi()
+        else:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               auto_mpi_discovery=True, timeout=datetime.timedelta(minutes=timeout_minutes))
+                               auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     if has_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _env_from_slurm() -> None:
+    """torch.distributed's variables from srun's; the first node of the job hosts the rendezvous.
+
+    The port defaults to one derived from the job id, so that two jobs sharing a node do not collide.
+    """
+    if "MASTER_ADDR" not in os.environ:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               check=True, capture_output=True, text=True).stdout.split()
+        os.environ["MASTER_ADDR"] = hosts[0]
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                      LOCAL_RANK=os.environ["SLURM_LOCALID"])
+
+
+def _env_from_mpi() -> None:
+    """torch.distributed's variables through mpi4py; rank 0's host address unless MASTER_ADDR is given.
+
+    DeepSpeed's own discovery takes `hostname -I` and a fixed port; this one honours
+    MASTER_ADDR/MASTER_PORT (`mpirun -x MASTER_ADDR=... -x MASTER_PORT=...`).
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    addr = os.environ.get("MASTER_ADDR") or (socket.gethostbyname(socket.gethostname()) if comm.rank == 0 else None)
+    os.environ.update(RANK=str(comm.rank), WORLD_SIZE=str(comm.size),
+                      LOCAL_RANK=str(comm.Split_type(MPI.COMM_TYPE_SHARED).rank),
+                      MASTER_ADDR=comm.bcast(addr, root=0), MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
 
 
 def has_gpu() -> bool:
@@ -85,6 +126,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place, returned). CPU tensors go through gloo; GPU ones through nccl."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over ranks (in place, returned)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

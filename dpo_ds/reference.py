@@ -1,20 +1,57 @@
-"""Where the reference errors r_w, r_l come from.
+"""Where the reference errors r_w, r_l come from: a live frozen model, or the reference cache.
 
 `live`: a frozen copy of the initial denoiser in its own DeepSpeed engine
 (ZeRO-3, parameters offloaded to CPU between uses), run under no_grad on the
 very noisy inputs the policy sees.
+
+`cache`: the errors tools/precompute_ref.py computed once per (pair, draw), at
+the same draw training makes (DESIGN.md §2, §5); the reference model is never
+built. Reading and writing the cache both live here, so the format has one home.
+
+Cache format (a contract; `CACHE_FORMAT`, nothing in it is decoded with pickle):
+  CACHE_DIR/manifest.json   written last, by rank 0, once every shard file exists:
+    {"format": "dpo_ds.refcache/1",
+     "fingerprint": {"tool_version": int, "reference_weights": "sha256:<hex>", "family": str,
+                     "shards": [{"name", "num_pairs", "size_bytes"}, ...],   sorted by name
+                     "scheduler": {the diffusers scheduler config}, "prediction_type": str,
+                     "seed": int, "timestep_range": [lo, hi] | null, "num_draws": K, "dtype": "fp32"|"bf16"|"fp16"},
+     "fingerprint_sha256": "<hex of the canonical JSON of fingerprint>",
+     "files": [{"shard": name, "file": name + ".ref.safetensors", "num_pairs": int, "num_bad": int}, ...],
+     "has_eps": bool}
+  CACHE_DIR/<shard name>.ref.safetensors   one per shard (N = good pairs in the shard, in tar order):
+    tensors   timesteps [N, K] int64, ref_err_w [N, K] float32, ref_err_l [N, K] float32,
+              with --store-eps also eps_w, eps_l [N, K, ...latent] bfloat16 (the reference's predictions)
+    metadata  {"format": CACHE_FORMAT, "fingerprint_sha256": ..., "shard": name, "keys": JSON list of N keys,
+               "num_bad": pairs skipped as bad samples, "has_eps": "true" | "false"}   (all strings)
+Row i, column d holds pair keys[i] at draw index d. The reference weights hash is
+SHA-256 over the denoiser's state dict in name order: per tensor its name,
+shape and float32 bytes (floats cast, so fp16 and fp32 copies of one model agree).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
+import os
 from types import ModuleType
 
+import safetensors
+import safetensors.torch
 import torch
 
-from dpo_ds import engine
+from dpo_ds import engine, noise
 from dpo_ds.config import RunConfig
-from dpo_ds.models import pair_errors
+from dpo_ds.data import ShardInfo
+from dpo_ds.models import load_scheduler_config, pair_errors
+
+log = logging.getLogger("dpo_ds")
+
+CACHE_FORMAT = "dpo_ds.refcache/1"
+TOOL_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FILE_SUFFIX = ".ref.safetensors"
 
 
 class LiveReference:
@@ -36,3 +73,199 @@ class LiveReference:
     def errors(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
         """r_w, r_l: [B] float32 reference errors at the pair's shared draw."""
         return pair_errors(self.spec, self.engine, batch, x_t, target, t, self.dtype)
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """"sha256:<hex>" of a state dict: names in sorted order, shapes, float32 bytes (see the module docstring)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu")
+        t = (t.float() if t.is_floating_point() else t).contiguous()
+        h.update(f"{name}\x00{tuple(t.shape)}\x00{t.dtype}\x00".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def folder_weights_hash(spec: ModuleType, pretrained_path: str) -> str:
+    """weights_hash of a diffusers folder's denoiser, read tensor by tensor: no model is built."""
+    folder = os.path.join(pretrained_path, spec.DENOISER_SUBFOLDER)
+    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(single):
+        files = [os.path.basename(single)]
+    else:
+        raise ValueError(f"reference.pretrained_path: {folder} has no diffusion_pytorch_model.safetensors "
+                         "(or its .index.json); the reference must be stored as safetensors")
+    state = {}
+    for name in files:
+        state.update(safetensors.torch.load_file(os.path.join(folder, name)))
+    return weights_hash(state)
+
+
+def fingerprint(cfg: RunConfig, shards: list[ShardInfo], reference_weights: str, num_draws: int,
+                dtype: str) -> dict:
+    """Everything the cached values depend on (DESIGN.md §5), as plain JSON."""
+    scheduler = load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
+    return {
+        "tool_version": TOOL_VERSION,
+        "reference_weights": reference_weights,
+        "family": cfg.model.family,
+        "shards": sorted(({"name": os.path.basename(s.url), "num_pairs": s.num_pairs, "size_bytes": s.size_bytes}
+                          for s in shards), key=lambda e: e["name"]),
+        "scheduler": scheduler,
+        "prediction_type": cfg.model.prediction_type or scheduler.get("prediction_type", "epsilon"),
+        "seed": cfg.seed,
+        "timestep_range": list(cfg.data.timestep_range) if cfg.data.timestep_range else None,
+        "num_draws": num_draws,
+        "dtype": dtype,
+    }
+
+
+def fingerprint_sha256(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def _describe_shard_difference(cached: list[dict], run: list[dict]) -> str:
+    cached_by_name, run_by_name = {e["name"]: e for e in cached}, {e["name"]: e for e in run}
+    for name in sorted(set(cached_by_name) | set(run_by_name)):
+        if name not in cached_by_name:
+            return f"shard {name} is in this run's data.shards but not in the cache"
+        if name not in run_by_name:
+            return f"shard {name} is in the cache but not in this run's data.shards"
+        if cached_by_name[name] != run_by_name[name]:
+            return f"shard {name} is {cached_by_name[name]} in the cache, {run_by_name[name]} in this run"
+    return "the shard lists differ"
+
+
+def check_fingerprint(cache_dir: str, cached: dict, expected: dict) -> None:
+    """Refuse a cache whose fingerprint differs from the run's in any field but num_draws, naming the field."""
+    for field in expected:
+        if field == "num_draws" or cached.get(field) == expected[field]:
+            continue
+        what = (_describe_shard_difference(cached.get(field) or [], expected[field]) if field == "shards"
+                else f"{cached.get(field)!r} in the cache, {expected[field]!r} in this run")
+        raise ValueError(f"reference cache {cache_dir}/{MANIFEST_NAME} does not match this run: field {field!r} "
+                         f"differs: {what}. Recompute it with tools/precompute_ref.py using this run's config, "
+                         f"or point reference.cache_dir at the cache made for it")
+
+
+# ---------------------------------------------------------------- cache files
+
+def write_shard_cache(path: str, shard: str, keys: list[str], tensors: dict[str, torch.Tensor],
+                      fingerprint_digest: str, extra: dict[str, str]) -> None:
+    """One shard's cache file, atomically: written as path.tmp, then renamed."""
+    metadata = {**extra, "format": CACHE_FORMAT, "fingerprint_sha256": fingerprint_digest, "shard": shard,
+                "keys": json.dumps(keys)}
+    tmp = path + ".tmp"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors creates it private; a cache is meant to be shared
+    os.replace(tmp, path)
+
+
+def read_shard_metadata(path: str) -> dict[str, str] | None:
+    """The file's metadata, or None when it is absent or unreadable (a partial write is never renamed)."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return f.metadata()
+    except (OSError, safetensors.SafetensorError):
+        return None
+
+
+def read_manifest(cache_dir: str) -> dict:
+    path = os.path.join(cache_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"reference.cache_dir: {path} does not exist; write the cache with tools/precompute_ref.py "
+                         "(an interrupted run leaves no manifest: run it again to finish)")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {CACHE_FORMAT!r}; "
+                         "recompute the cache with this version of tools/precompute_ref.py")
+    return manifest
+
+
+class CachedReference:
+    """Reference errors looked up by (pair key, draw index) in a verified cache; no model anywhere."""
+
+    def __init__(self, cache_dir: str, manifest: dict, num_train_timesteps: int):
+        self.cache_dir = cache_dir
+        fp = manifest["fingerprint"]
+        self.num_draws, self.seed = int(fp["num_draws"]), int(fp["seed"])
+        self.timestep_range = tuple(fp["timestep_range"]) if fp["timestep_range"] else None
+        self.num_train_timesteps = num_train_timesteps
+        self.has_warned_cycling = False
+        self.row: dict[str, int] = {}
+        parts: dict[str, list[torch.Tensor]] = {"timesteps": [], "ref_err_w": [], "ref_err_l": []}
+        for entry in manifest["files"]:
+            path = os.path.join(cache_dir, entry["file"])
+            meta = read_shard_metadata(path)
+            if meta is None or meta.get("fingerprint_sha256") != manifest["fingerprint_sha256"]:
+                raise ValueError(f"reference cache file {path} is missing or belongs to another cache than "
+                                 f"{MANIFEST_NAME}; run tools/precompute_ref.py again on this cache_dir")
+            with safetensors.safe_open(path, framework="pt") as f:  # reads only the small tensors, not eps
+                for name in parts:
+                    parts[name].append(f.get_tensor(name))
+            for key in json.loads(meta["keys"]):
+                self.row[key] = len(self.row)
+        self.timesteps, self.err_w, self.err_l = (torch.cat(parts[n]) for n in parts)
+
+    @classmethod
+    def load(cls, cfg: RunConfig, expected_fingerprint: dict, num_train_timesteps: int) -> "CachedReference":
+        """Open reference.cache_dir, refuse it unless it was made for this run, load every (key, draw)."""
+        cache_dir = cfg.reference.cache_dir
+        manifest = read_manifest(cache_dir)
+        check_fingerprint(cache_dir, manifest["fingerprint"], expected_fingerprint)
+        ref = cls(cache_dir, manifest, num_train_timesteps)
+        if engine.rank() == 0:
+            log.info("reference: cache %s, %d pairs x %d draws", cache_dir, len(ref.row), ref.num_draws)
+        return ref
+
+    def cycle_draws(self, batch: dict) -> dict:
+        """The batch at draw index (draw_index mod K): past K visits a pair reuses its cached draws.
+
+        The loader draws at the epoch; for epochs >= K the pair's timestep and noise are
+        redrawn here with the same pure function at the cycled index, so the policy
+        sees exactly the noisy latents the cached errors were computed on.
+        """
+        draw_index = batch["draw_index"]
+        if bool((draw_index < self.num_draws).all()):
+            return batch
+        if not self.has_warned_cycling and engine.rank() == 0:
+            log.warning("reference cache %s holds %d draws per pair; from epoch %d on, draws are reused "
+                        "cyclically (draw index = epoch mod %d)", self.cache_dir, self.num_draws,
+                        int(draw_index.max()), self.num_draws)
+        self.has_warned_cycling = True
+        cycled = draw_index.cpu() % self.num_draws
+        shape = tuple(batch["noise"].shape[1:])
+        draws = [noise.draw(self.seed, key, int(d), shape, self.num_train_timesteps, self.timestep_range)
+                 for key, d in zip(batch["keys"], cycled)]
+        device = batch["noise"].device
+        return {**batch, "draw_index": cycled.to(device),
+                "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long, device=device),
+                "noise": torch.stack([n for _, n in draws]).to(device)}
+
+    def errors(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
+        """r_w, r_l: [B] float32 cached errors at the batch's (already cycled) draws; x_t, target, t are not needed."""
+        rows = []
+        for key in batch["keys"]:
+            if key not in self.row:
+                raise ValueError(f"reference cache {self.cache_dir} has no entry for pair {key!r}; the cache was "
+                                 "made from other shards or is incomplete: run tools/precompute_ref.py again")
+            rows.append(self.row[key])
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        draws = batch["draw_index"].cpu()
+        assert bool((draws < self.num_draws).all()), "cycle_draws must run first"
+        cached_t = self.timesteps[rows_t, draws]
+        mismatch = (cached_t != batch["timesteps"].cpu()).nonzero()
+        if len(mismatch):
+            i = int(mismatch[0])
+            raise ValueError(f"reference cache {self.cache_dir}: pair {batch['keys'][i]!r} draw {int(draws[i])} "
+                             f"has timestep {int(cached_t[i])} in the cache but {int(batch['timesteps'][i])} in "
+                             "training; the cache was made with another draw function or timestep range")
+        device = batch["timesteps"].device
+        return self.err_w[rows_t, draws].to(device), self.err_l[rows_t, draws].to(device)

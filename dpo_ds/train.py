@@ -2,6 +2,10 @@
 
 Everything a user can get wrong is checked before the process group starts,
 and reported in one line naming the file or key.
+
+Exit status: 0 done; 2 bad settings; 3 stopped by the loss or data guards; 75 (EX_TEMPFAIL,
+"try again") stopped by SIGUSR1 or SIGTERM after a complete checkpoint on every rank:
+rerun with --checkpoint.resume=auto to continue exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from dpo_ds import engine, models
@@ -17,6 +23,8 @@ from dpo_ds.config import dump_config, load_config, resolve_ds_config, training_
 from dpo_ds.data import list_shards
 
 log = logging.getLogger("dpo_ds")
+
+PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a stop signal; resume to continue
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -30,6 +38,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    # Installed first, so a signal during start-up is not lost: the trainer stops after the step in
+    # flight, when any rank has seen one (SLURM sends USR1 before the time limit, TERM on preemption).
+    stop = threading.Event()
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     rank, world_size = engine.world_from_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -56,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         dump_config(cfg, out / "config.yaml")
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     try:
-        Trainer(cfg, ds_config, dtype).fit()
+        state = Trainer(cfg, ds_config, dtype).fit(stop)
     except ValueError as e:
         print(f"dpo_ds.train: rank {engine.rank()}: error: {e}", file=sys.stderr)
         return 2
@@ -67,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         engine.destroy()
+    if state.step < cfg.train.max_steps:
+        print(f"dpo_ds.train: rank {rank}: stopped by a signal at step {state.step} after a checkpoint; "
+              f"resume with --checkpoint.resume=auto (exit {PREEMPTED})", file=sys.stderr)
+        return PREEMPTED
     return 0
 
 

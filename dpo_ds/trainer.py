@@ -7,6 +7,7 @@ policy once on 2B samples (winners, then losers) at the pairs' shared draws.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from dpo_ds.losses import diffusion_dpo_loss
 from dpo_ds.metrics import Metrics
 from dpo_ds.models import noisy_pair, pair_errors
 from dpo_ds.noise import NoiseSchedule
-from dpo_ds.reference import LiveReference
+from dpo_ds.reference import CachedReference, LiveReference, folder_weights_hash, fingerprint, weights_hash
 
 log = logging.getLogger("dpo_ds")
 
@@ -68,13 +69,29 @@ class Trainer:
         self.schedule = NoiseSchedule.from_config(
             models.load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config),
             cfg.model.prediction_type)
-        self.reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
+        shards = list_shards(cfg.data.shards)
+        self.has_cache = cfg.reference.mode == "cache"
+        self.drift_reference: LiveReference | None = None
+        self.cache_drift: float | None = None  # ref/cache_drift of the last drift check, until it is logged
+        self.is_drift_check_due = False
+        if self.has_cache:
+            # The reference model is never built from a cache; only its weights are hashed, to check the cache.
+            ref_hash = (folder_weights_hash(self.spec, cfg.reference.pretrained_path)
+                        if cfg.reference.pretrained_path is not None else weights_hash(unet.state_dict()))
+            expected = fingerprint(cfg, shards, ref_hash, num_draws=0, dtype=dtype)  # K is the cache's to say
+            self.reference = CachedReference.load(cfg, expected, self.schedule.num_train_timesteps)
+            if cfg.reference.drift_check_every:
+                self.drift_reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
+            elif engine.rank() == 0:
+                log.info("reference: the reference model is not built (reference.mode=cache, no drift check)")
+        else:
+            self.reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.policy = engine.Policy(unet, ds_config, cfg.optim, cfg.train.max_steps)
 
         self.loader = PairLoader(
-            list_shards(cfg.data.shards), batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
+            shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
             world_size=engine.world_size(), seed=cfg.seed, num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
             schema=self.spec.sample_schema(self.unet_config, cfg.data.resolution, cfg.model.vae_scale_factor),
@@ -86,9 +103,14 @@ class Trainer:
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DPO loss of one micro-batch: policy and reference at the same noisy inputs."""
+        if self.has_cache:
+            batch = self.reference.cycle_draws(batch)
         x_t, target, t = noisy_pair(batch, self.schedule)
         model_err_w, model_err_l = pair_errors(self.spec, self.policy, batch, x_t, target, t, self.dtype)
         ref_err_w, ref_err_l = self.reference.errors(batch, x_t, target, t)
+        if self.is_drift_check_due:
+            self.is_drift_check_due = False
+            self.cache_drift = self._cache_drift(batch, x_t, target, t, ref_err_w, ref_err_l)
         loss, diag = diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=self.cfg.dpo.beta)
         return loss, {"loss": loss.detach(), **diag}
 
@@ -96,6 +118,9 @@ class Trainer:
         """One optimizer step over train.grad_accum micro-batches; returns summed diagnostics."""
         sums = {name: torch.zeros((), device=self.device) for name in DIAGNOSTICS}
         num_good = 0
+        every = self.cfg.reference.drift_check_every
+        # Decided from the step alone, so every rank runs the (collective, ZeRO-3) live reference together.
+        self.is_drift_check_due = self.drift_reference is not None and (self.state.step + 1) % every == 0
         while num_good < self.cfg.train.grad_accum:
             batch = self._next_batch(batches)
             loss, diag = self.forward_loss(batch)
@@ -114,7 +139,8 @@ class Trainer:
 
     # ------------------------------------------------------------ around the step
 
-    def fit(self) -> TrainState:
+    def fit(self, stop: threading.Event | None = None) -> TrainState:
+        """Train to train.max_steps; or, once `stop` is set on any rank, checkpoint and return early."""
         self._maybe_resume()
         cfg, state = self.cfg, self.state
         is_writer = engine.rank() == 0
@@ -138,8 +164,12 @@ class Trainer:
                     self._check_bad_fraction()
                     window = _Window()
                 metrics.advance()
-                if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps:
+                # Agreed over ranks, so every rank stops after the same step (a signal may reach one only).
+                is_stopping = stop is not None and engine.any_rank(stop.is_set())
+                if is_stopping or state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps:
                     self.save_checkpoint()
+                if is_stopping:
+                    return state
         finally:
             metrics.close()
         if cfg.checkpoint.export:
@@ -190,9 +220,25 @@ class Trainer:
             "perf/step_time_s": window.seconds / window.num_steps,
             "perf/data_wait_frac": window.data_wait / max(window.seconds, 1e-9),
         })
+        if self.cache_drift is not None:
+            out["ref/cache_drift"], self.cache_drift = self.cache_drift, None
         if engine.has_gpu():
             out["mem/max_allocated_gb"] = engine.max_memory_allocated_gb()
         return out
+
+    @torch.no_grad()
+    def _cache_drift(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                     ref_err_w: torch.Tensor, ref_err_l: torch.Tensor) -> float:
+        """Largest |cached - live| reference error over a random few pairs of this micro-batch, on all ranks."""
+        num_pairs = len(batch["keys"])
+        num_checked = max(1, round(self.cfg.reference.drift_check_fraction * num_pairs))
+        g = torch.Generator().manual_seed(hash((self.cfg.seed, self.state.step, engine.rank())) & (2**62 - 1))
+        idx = torch.randperm(num_pairs, generator=g)[:num_checked].to(self.device)
+        sub = {k: v[idx] if torch.is_tensor(v) and v.ndim and len(v) == num_pairs else v for k, v in batch.items()}
+        both = torch.cat([idx, idx + num_pairs])  # x_t holds winners, then losers
+        live_w, live_l = self.drift_reference.errors(sub, x_t[both], target[both], t[both])
+        drift = torch.maximum((live_w - ref_err_w[idx]).abs().max(), (live_l - ref_err_l[idx]).abs().max())
+        return engine.all_reduce_max(drift.reshape(1).to(torch.float64)).item()
 
     def _check_bad_fraction(self) -> None:
         counts = engine.all_reduce_sum(torch.tensor([float(self.state.pairs_read), float(self.state.pairs_bad)],

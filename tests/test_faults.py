@@ -1,0 +1,166 @@
+"""Faults of a 2-process job: a stop signal, a rank killed with -9, a checkpoint cut off mid-write."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import BIN, REPO, env, free_port, read_scalars, write_run_config
+from test_launchers import LOOPBACK_ENV, MPIRUN_ARGS, missing
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 6
+PREEMPTED = 75  # dpo_ds.train.PREEMPTED
+
+
+def launch(config: Path, *overrides: str) -> subprocess.Popen:
+    """The real `deepspeed` launcher, 2 CPU processes, in its own process group."""
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
+           "--config", str(config), *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env={**env(), **LOOPBACK_ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} never appeared (exit {proc.returncode})\n{proc.communicate()[0][-6000:]}")
+        time.sleep(0.2)
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of `rank` under a deepspeed launcher (not its data loader workers)."""
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        cmd = p.cmdline()
+        if f"--local_rank={rank}" in cmd and "deepspeed.launcher.launch" in " ".join(p.parent().cmdline()):
+            return p
+    raise AssertionError(f"no rank {rank} process under {launcher.pid}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running after {timeout} s:\n{proc.communicate()[0][-6000:]}")
+    return proc.returncode, out
+
+
+def unet_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory) -> Path:
+    """An uninterrupted run of MAX_STEPS steps (checkpoints every 2, keep 3)."""
+    out = tmp_path_factory.mktemp("straight")
+    cfg = write_run_config(out / "run.yaml", tiny, out / "run", train={"max_steps": MAX_STEPS},
+                           checkpoint={"every_steps": 2, "keep_last": 3})
+    code, text = finish(launch(cfg))
+    assert code == 0, text[-6000:]
+    return out / "run"
+
+
+def test_signal_to_one_rank_stops_all_then_resume_is_exact(straight, tiny, tmp_path):
+    """SIGUSR1 to rank 1 only: both ranks stop after the same step, checkpoint, exit 75; resuming
+    to MAX_STEPS gives bitwise the weights of the uninterrupted run."""
+    run = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, run, train={"max_steps": MAX_STEPS},
+                           checkpoint={"every_steps": 2, "keep_last": 3})
+    proc = launch(cfg)
+    wait_for(run / "checkpoints" / "latest", proc)
+    rank_process(proc, 1).send_signal(signal.SIGUSR1)
+    code, text = finish(proc)
+    assert code == PREEMPTED, text[-6000:]
+    stopped_at = int((run / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 2 <= stopped_at < MAX_STEPS, text[-6000:]
+    assert f"rank 0: stopped by a signal at step {stopped_at}" in text
+    shards = sorted((run / "checkpoints" / f"step_{stopped_at:08d}").glob("zero_pp_rank_*_optim_states.pt"))
+    assert len(shards) == 2
+    assert not (run / "export").exists()
+
+    code, text = finish(launch(cfg, "--checkpoint.resume=auto"))
+    assert code == 0, text[-6000:]
+    assert f"at step {stopped_at} " in text
+    steps = [s for s, _ in read_scalars(run / "tensorboard")["train/loss"]]
+    assert steps == list(range(1, MAX_STEPS + 1))
+    a, b = unet_weights(straight), unet_weights(run)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after stop and resume"
+
+
+def test_sigterm_to_every_rank_stops_with_a_checkpoint(tiny, tmp_path):
+    """SIGTERM (what SLURM sends on preemption) to both ranks: a complete checkpoint and exit 75."""
+    run = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, run, train={"max_steps": 50},
+                           checkpoint={"every_steps": 2, "keep_last": 2, "export": False})
+    proc = launch(cfg)
+    wait_for(run / "checkpoints" / "latest", proc)
+    for rank in (0, 1):
+        rank_process(proc, rank).send_signal(signal.SIGTERM)
+    code, text = finish(proc)
+    assert code == PREEMPTED, text[-6000:]
+    tag = (run / "checkpoints" / "latest").read_text()
+    assert (run / "checkpoints" / tag / "COMPLETE").is_file()
+    assert int(tag.removeprefix("step_")) < 50
+
+
+def test_killed_rank_ends_the_job_and_is_named(tiny, tmp_path):
+    """kill -9 of one rank under mpirun: the job exits non-zero in bounded time, naming the rank."""
+    if shutil.which("mpirun") is None:
+        missing("mpirun not installed (Debian: openmpi-bin)")
+    run = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, run, train={"max_steps": 200},
+                           checkpoint={"every_steps": 1, "keep_last": 1, "export": False})
+    e = {**env(), **LOOPBACK_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = ["mpirun", "-np", "2", *MPIRUN_ARGS,
+           *[a for k in ("PATH", "MASTER_ADDR", "MASTER_PORT", *LOOPBACK_ENV) for a in ("-x", k)],
+           sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero3.json", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    wait_for(run / "checkpoints" / "latest", proc)
+    victim = next(p for p in psutil.Process(proc.pid).children()
+                  if p.environ().get("OMPI_COMM_WORLD_RANK") == "1")
+    killed_at = time.monotonic()
+    victim.kill()
+    code, text = finish(proc, timeout=120)
+    assert code != 0, text[-6000:]
+    assert time.monotonic() - killed_at < 120
+    assert "rank 1" in text and "signal 9" in text, text[-6000:]
+
+
+def test_cut_off_checkpoint_is_never_resumed(straight, tmp_path):
+    """A newer checkpoint whose write was cut off (a truncated file, no COMPLETE, `latest` not moved)
+    is skipped by resume=auto; one named explicitly is refused."""
+    from dpo_ds import engine
+
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(straight / "checkpoints", ckpt)
+    last = f"step_{MAX_STEPS:08d}"
+    cut = ckpt / f"step_{MAX_STEPS + 2:08d}"
+    shutil.copytree(ckpt / last, cut)
+    (cut / "COMPLETE").unlink()
+    shard = next(cut.glob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    assert engine.find_resume_tag(str(ckpt), "auto") == last
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        engine.find_resume_tag(str(ckpt), cut.name)
+    # A crash between the rank writes and `latest` leaves `latest` on the previous complete one.
+    (ckpt / "latest").write_text(f"step_{MAX_STEPS - 2:08d}")
+    assert engine.find_resume_tag(str(ckpt), "auto") == f"step_{MAX_STEPS - 2:08d}"

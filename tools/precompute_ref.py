@@ -1,0 +1,209 @@
+"""Precompute the reference cache: the frozen reference's errors r_w, r_l for every pair and draw 0..K-1.
+
+Reads the training run's config (same YAML, same --section.key=value overrides) and its shards, and
+makes for every pair and draw index exactly the draw training makes (dpo_ds.noise.draw with the
+run's seed), the same noising and target (dpo_ds.models.noisy_pair) and the same error
+(dpo_ds.models.pair_errors), in the run's precision, under no_grad, at a batch size of its own.
+
+Writes (format: the docstring of dpo_ds/reference.py; DESIGN.md §5):
+  CACHE_DIR/<shard name>.ref.safetensors   one per shard: shard i (by name) is computed by rank i mod world size,
+                                           written as .tmp and renamed, so no two ranks write one file
+  CACHE_DIR/manifest.json                  by rank 0, last, once every shard file exists
+A restarted job skips shard files that are complete and made for the same fingerprint, and
+redoes the rest.
+
+  python tools/precompute_ref.py --config run.yaml --num-draws 4 [--cache-dir DIR] [--batch-size 16]
+  deepspeed --num_gpus 8 tools/precompute_ref.py --config run.yaml --num-draws 4   (or srun / mpirun)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from dpo_ds import engine, models, noise
+from dpo_ds.config import load_config, training_dtype
+from dpo_ds.data import BadSample, ShardInfo, _tar_samples, decode_sample, list_shards
+from dpo_ds.models import noisy_pair, pair_errors
+from dpo_ds.noise import NoiseSchedule
+from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256,
+                              folder_weights_hash, read_shard_metadata, weights_hash, write_shard_cache)
+
+log = logging.getLogger("dpo_ds.precompute_ref")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="the training run's YAML; --section.key=value overrides apply")
+    p.add_argument("--num-draws", type=int, required=True, help="K: draws 0..K-1 per pair (training cycles past K)")
+    p.add_argument("--cache-dir", help="output folder; default reference.cache_dir of the config")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per reference forward (2x samples)")
+    p.add_argument("--store-eps", action="store_true", help="also store the reference's predictions (bf16)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    args, overrides = p.parse_known_args(argv)
+    if args.num_draws < 1 or args.batch_size < 1:
+        p.error("--num-draws and --batch-size must be >= 1")
+    return args, overrides
+
+
+def build_reference(cfg, spec, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """The reference exactly as training defines it, and its weights hash (dpo_ds.reference.weights_hash)."""
+    if cfg.reference.pretrained_path is not None:
+        model = spec.load_denoiser(cfg.reference.pretrained_path, None)
+        ref_hash = folder_weights_hash(spec, cfg.reference.pretrained_path)
+    else:
+        torch.manual_seed(cfg.seed)  # the trainer's init of a from-config policy, hence of its reference
+        model = spec.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
+        ref_hash = weights_hash(model.state_dict())
+    spec.set_attention(model, cfg.model.attention)
+    model.requires_grad_(False)
+    model.to(device)
+    if dtype != torch.float32:  # diffusers warns on any .to(dtype), even a no-op one
+        model.to(dtype)
+    return model.eval(), ref_hash
+
+
+def _batch(samples: list[dict], draw_index: int, cfg, num_train_timesteps: int, device: torch.device) -> dict:
+    """Pairs at one draw index, laid out as dpo_ds.data's batches are (same draw function, float32 tensors)."""
+    draws = [noise.draw(cfg.seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape),
+                        num_train_timesteps, cfg.data.timestep_range) for s in samples]
+    batch = {
+        "keys": [s["key"] for s in samples],
+        "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
+        "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
+        "noise": torch.stack([n for _, n in draws]),
+    }
+    for name in sorted(samples[0]["tensors"]):
+        batch[name] = torch.stack([s["tensors"][name].float() for s in samples])
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, spec, schema: dict, schedule: NoiseSchedule,
+                  num_draws: int, batch_size: int, dtype: torch.dtype, store_eps: bool,
+                  progress: tqdm) -> tuple[list[str], dict[str, torch.Tensor], int]:
+    """(keys, tensors of the shard's cache file, number of bad pairs skipped) for one shard."""
+    samples, num_bad = [], 0
+    for key, members in _tar_samples(shard.url):
+        try:
+            samples.append(decode_sample(key, members, schema))
+        except BadSample as e:  # training skips it too, so it needs no cache entry
+            log.warning("bad pair %s in shard %s: %s; skipped", key, shard.url, e)
+            num_bad += 1
+    n, device = len(samples), next(model.parameters()).device
+    out = {"timesteps": torch.zeros(n, num_draws, dtype=torch.long),
+           "ref_err_w": torch.zeros(n, num_draws), "ref_err_l": torch.zeros(n, num_draws)}
+    if store_eps and n:
+        shape = tuple(samples[0]["tensors"]["latents_w"].shape)
+        out["eps_w"], out["eps_l"] = (torch.zeros(n, num_draws, *shape, dtype=torch.bfloat16) for _ in range(2))
+    captured: list[torch.Tensor] = []
+    hook = model.register_forward_hook(lambda mod, inp, output: captured.append(output[0])) if store_eps else None
+    for draw_index in range(num_draws):
+        for start in range(0, n, batch_size):
+            batch = _batch(samples[start:start + batch_size], draw_index, cfg, schedule.num_train_timesteps, device)
+            x_t, target, t = noisy_pair(batch, schedule)
+            err_w, err_l = pair_errors(spec, model, batch, x_t, target, t, dtype)
+            rows = slice(start, start + len(batch["keys"]))
+            out["timesteps"][rows, draw_index] = batch["timesteps"].cpu()
+            out["ref_err_w"][rows, draw_index] = err_w.float().cpu()
+            out["ref_err_l"][rows, draw_index] = err_l.float().cpu()
+            if store_eps:
+                eps_w, eps_l = captured.pop().chunk(2)
+                out["eps_w"][rows, draw_index] = eps_w.to("cpu", torch.bfloat16)
+                out["eps_l"][rows, draw_index] = eps_l.to("cpu", torch.bfloat16)
+            progress.update(len(batch["keys"]))
+    if hook is not None:
+        hook.remove()
+    return [s["key"] for s in samples], out, num_bad
+
+
+def _is_complete(path: str, digest: str, store_eps: bool) -> bool:
+    """A shard file from an earlier run of this job: renamed into place, so whole, and made for this fingerprint."""
+    meta = read_shard_metadata(path) or {}
+    return meta.get("fingerprint_sha256") == digest and (not store_eps or meta.get("has_eps") == "true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, _ = engine.world_from_env()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, overrides)
+        cache_dir = args.cache_dir or cfg.reference.cache_dir
+        if not cache_dir:
+            raise ValueError("no output folder: pass --cache-dir or set reference.cache_dir in the config")
+        spec = models.family(cfg.model.family)
+        spec.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
+        shards = sorted(list_shards(cfg.data.shards), key=lambda s: os.path.basename(s.url))
+        names = [os.path.basename(s.url) for s in shards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.shards: two shards share a file name ({names}); the cache is keyed by shard name")
+    except ValueError as e:
+        print(f"precompute_ref: error: {e}", file=sys.stderr)
+        return 2
+
+    engine.init_distributed()
+    rank, world_size, device = engine.rank(), engine.world_size(), engine.device()
+    dtype_name = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
+    dtype = DTYPES[dtype_name]
+    schedule = NoiseSchedule.from_config(models.load_scheduler_config(cfg.model.pretrained_path,
+                                                                      cfg.model.scheduler_config),
+                                         cfg.model.prediction_type)
+    model, ref_hash = build_reference(cfg, spec, device, dtype)
+    schema = spec.sample_schema(dict(model.config), cfg.data.resolution, cfg.model.vae_scale_factor)
+    fp = fingerprint(cfg, shards, ref_hash, args.num_draws, dtype_name)
+    digest = fingerprint_sha256(fp)
+
+    os.makedirs(cache_dir, exist_ok=True)
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    if rank == 0 and os.path.isfile(manifest_path):
+        os.remove(manifest_path)  # rewritten at the end; meanwhile training refuses a half-updated cache
+    engine.barrier()
+
+    mine = [s for i, s in enumerate(shards) if i % world_size == rank]
+    todo = [s for s in mine if not _is_complete(os.path.join(cache_dir, os.path.basename(s.url) + FILE_SUFFIX),
+                                                digest, args.store_eps)]
+    if rank == 0:
+        log.info("reference cache %s: %d shards, %d draws, %s, %d ranks; rank 0 skips %d complete shard(s)",
+                 cache_dir, len(shards), args.num_draws, dtype_name, world_size, len(mine) - len(todo))
+    progress = tqdm(total=sum(s.num_pairs for s in todo) * args.num_draws, unit="pair-draw", dynamic_ncols=True,
+                    disable=rank != 0 or args.no_progress, desc="reference (rank 0)")
+    for shard in todo:
+        name = os.path.basename(shard.url)
+        keys, tensors, num_bad = compute_shard(shard, model, cfg, spec, schema, schedule, args.num_draws,
+                                               args.batch_size, dtype, args.store_eps, progress)
+        write_shard_cache(os.path.join(cache_dir, name + FILE_SUFFIX), name, keys, tensors, digest,
+                          extra={"num_bad": str(num_bad), "has_eps": json.dumps(args.store_eps)})
+    progress.close()
+    engine.barrier()
+
+    if rank == 0:
+        files = []
+        for name in names:
+            meta = read_shard_metadata(os.path.join(cache_dir, name + FILE_SUFFIX))
+            assert meta is not None and meta["fingerprint_sha256"] == digest, f"{name}: rank did not finish"
+            files.append({"shard": name, "file": name + FILE_SUFFIX, "num_pairs": len(json.loads(meta["keys"])),
+                          "num_bad": int(meta["num_bad"])})
+        manifest = {"format": CACHE_FORMAT, "fingerprint": fp, "fingerprint_sha256": digest, "files": files,
+                    "has_eps": args.store_eps}
+        with open(manifest_path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(manifest_path + ".tmp", manifest_path)
+        log.info("wrote %s: %d pairs x %d draws", manifest_path, sum(e["num_pairs"] for e in files), args.num_draws)
+    engine.barrier()
+    engine.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
