@@ -9,7 +9,7 @@ Beside the shards, index.json:
   {"format": "dpo_ds.shards/1", "shards": [{"name", "num_pairs", "size_bytes"}, ...]}
 
 Batch legend (PairLoader.epoch yields, B = batch_size, `...` = latent layout CHW or CFHW):
-  keys [B] str, draw_index [B] long (= epoch), timesteps [B] long, noise [B x ...] float32,
+  keys [B] str, draw_index [B] long (= epoch, or epoch mod num_draws), timesteps [B] long, noise [B x ...] float32,
   latents_w / latents_l [B x ...] float32, every conditioning tensor [B x ...] float32,
   num_bad int, num_padded int.
 
@@ -377,7 +377,8 @@ class PairLoader:
 
     def __init__(self, shards: list[ShardInfo], *, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 2, shuffle_buffer: int = 256, schema: dict[str, tuple[int, ...] | None],
-                 num_train_timesteps: int, timestep_range: tuple[int, int] | None = None):
+                 num_train_timesteps: int, timestep_range: tuple[int, int] | None = None,
+                 num_draws: int | None = None):
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(f"PairLoader needs batch_size >= 1, num_workers >= 0, 0 <= rank < world_size; "
                              f"got {batch_size}, {num_workers}, {rank}, {world_size}")
@@ -390,6 +391,11 @@ class PairLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers, self.shuffle_buffer, self.schema = num_workers, shuffle_buffer, dict(schema)
         self.num_train_timesteps, self.timestep_range = num_train_timesteps, timestep_range
+        # With a reference cache of K draws per pair, epoch e uses draw e mod K: the policy must see
+        # exactly the noisy latents the cached errors were computed on. The shuffle still uses e.
+        if num_draws is not None and num_draws < 1:
+            raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+        self.num_draws = num_draws
         self.num_slots_per_rank = max(num_workers, 1)  # num_workers=0 reads in-process, as one slot
 
         # Slot s holds len(range(s, n, S)) shards whatever the shuffle; its worst case is the
@@ -507,11 +513,12 @@ class _EpochPairs(IterableDataset):
 
     def _collate(self, samples: list[dict], num_padded: int) -> dict:
         cfg = self.cfg
-        draws = [noise.draw(cfg.seed, s["key"], self.epoch, tuple(s["tensors"]["latents_w"].shape),
+        draw_index = self.epoch % cfg.num_draws if cfg.num_draws else self.epoch
+        draws = [noise.draw(cfg.seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape),
                             cfg.num_train_timesteps, cfg.timestep_range) for s in samples]
         batch = {
             "keys": [s["key"] for s in samples],
-            "draw_index": torch.full((len(samples),), self.epoch, dtype=torch.long),
+            "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
             "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
             "noise": torch.stack([n for _, n in draws]),
         }

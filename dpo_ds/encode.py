@@ -1,17 +1,20 @@
-"""Raw preference pairs -> what a shard sample holds: manifests, image preparation, SDXL encoders.
+"""Raw preference pairs -> what a shard sample holds: manifests, image and video preparation, encoders.
 
 Used by tools/encode_pairs.py. Legend: B = pairs in a batch, R = target resolution (pixels),
-C/h/w = latent channels and sides (R / vae_scale_factor). Pixels travel as uint8 [3 x R x R]
-until the batch is encoded; the encoders take [N x 3 x R x R] in [-1, 1].
+C/h/w = latent channels and sides (R / vae_scale_factor), F = frames of a clip, F' = latent
+frames (1 + (F - 1) / 4 for Wan's causal VAE). Pixels travel as uint8 [3 x R x R] (images) or
+[3 x F x H x W] (videos) until the batch is encoded; the encoders take them in [-1, 1].
 
-Manifest rows are dicts of column -> value; an image value is raw bytes, a path (relative to
-the manifest's folder or image_root), or a Hugging Face `{"bytes", "path"}` struct.
+Manifest rows are dicts of column -> value; an image or video value is raw bytes, a path
+(relative to the manifest's folder or image_root), or a Hugging Face `{"bytes", "path"}` struct.
+Videos are decoded with PyAV (the `video` extra), imported only when a video is read.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import io
 import json
 import math
@@ -19,6 +22,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
@@ -204,44 +208,51 @@ def _open_image(data: bytes, column: str) -> Image.Image:
         raise BadRow(f"unreadable {column}", f"{type(e).__name__}: {e}") from None
 
 
-def resize_and_crop(image: Image.Image, resolution: int, crop_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shorter side to `resolution`, then a square crop: center, or random from crop_seed.
+def resize_and_crop(image: Image.Image, resolution: int | tuple[int, int],
+                    crop_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale to cover `resolution` (a side R, or (H, W)), then crop: center, or random from crop_seed.
 
-    Returns pixels uint8 [3 x R x R] and SDXL's micro-conditioning [6] = (original h, w,
+    Returns pixels uint8 [3 x H x W] and SDXL's micro-conditioning [6] = (original h, w,
     crop top, crop left, target h, w), the crop measured after the resize as SDXL was trained.
+    The crop depends only on the image size and the seed, so every frame of a clip gets the same.
     """
+    target_h, target_w = (resolution, resolution) if isinstance(resolution, int) else resolution
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    scale = max(target_h / height, target_w / width)  # = R / min(w, h) for a square target
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None)
     if crop_seed is None:
-        top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+        top, left = int(round((new_h - target_h) / 2.0)), int(round((new_w - target_w) / 2.0))
     else:
         rng = random.Random(crop_seed)
-        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top, left = rng.randint(0, new_h - target_h), rng.randint(0, new_w - target_w)
+    image = image.crop((left, top, left + target_w, top + target_h))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    time_ids = torch.tensor([height, width, top, left, resolution, resolution], dtype=torch.float32)
+    time_ids = torch.tensor([height, width, top, left, target_h, target_w], dtype=torch.float32)
     return pixels, time_ids
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """How to read a row: column names, where relative paths start, what to do with its images."""
+    """How to read a row: column names, where relative paths start, what to do with its images.
+
+    For videos, image_columns and image_root name the video columns and where their paths start,
+    and resolution is (H, W).
+    """
 
     caption_column: str
     image_columns: tuple[str, str]
     label_columns: tuple[str, str]
     key_column: str | None
     image_root: str | None
-    resolution: int
+    resolution: int | tuple[int, int]
     random_crop_seed: int | None  # None: center crop
     drop_mismatched_sizes: bool
 
 
-def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> PreparedPair:
-    """One manifest row -> a PreparedPair with the winner first. Raises BadRow with the reason."""
+def _read_row(spec: RowSpec, manifest_path: str, row: dict) -> tuple[str, list[float], list[bytes], str]:
+    """The media-independent part of a row: (caption, labels, the two files' bytes, key). Raises BadRow."""
     if "__error__" in row:
         raise BadRow("unparsable row", row["__error__"])
     caption = _field(row, spec.caption_column)
@@ -270,7 +281,20 @@ def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> Pre
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
         key = digest.hexdigest()[:32]
+    return caption, labels, data, key
 
+
+def _crop_seeds(spec: RowSpec, key: str) -> list[int | None]:
+    """One crop seed per side (w, l), from --seed and the key: the same crop whatever the world size."""
+    if spec.random_crop_seed is None:
+        return [None, None]
+    return [int.from_bytes(hashlib.sha256(f"{spec.random_crop_seed}\0{key}\0{side}".encode()).digest()[:8], "little")
+            for side in ("w", "l")]
+
+
+def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> PreparedPair:
+    """One manifest row -> a PreparedPair with the winner first. Raises BadRow with the reason."""
+    caption, labels, data, key = _read_row(spec, manifest_path, row)
     images = [_open_image(d, c) for d, c in zip(data, spec.image_columns)]
     has_mismatched_sizes = images[0].size != images[1].size
     if has_mismatched_sizes and spec.drop_mismatched_sizes:
@@ -278,9 +302,7 @@ def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> Pre
                                          f"{spec.image_columns[1]} is {images[1].size}")
     winner = 0 if labels[0] > labels[1] else 1
     order = (winner, 1 - winner)
-    crop_seeds = [None, None] if spec.random_crop_seed is None else \
-        [int.from_bytes(hashlib.sha256(f"{spec.random_crop_seed}\0{key}\0{side}".encode()).digest()[:8], "little")
-         for side in ("w", "l")]
+    crop_seeds = _crop_seeds(spec, key)
     (pixels_w, time_ids_w), (pixels_l, time_ids_l) = (
         resize_and_crop(images[i], spec.resolution, seed) for i, seed in zip(order, crop_seeds))
     source = {"manifest": os.path.basename(manifest_path), "row": index, "winner": spec.image_columns[winner],
@@ -291,13 +313,134 @@ def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> Pre
     return PreparedPair(key, index, caption, pixels_w, pixels_l, time_ids_w, time_ids_l, source, has_mismatched_sizes)
 
 
+# ---------------------------------------------------------------- one row of videos -> one prepared pair
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which frames of a video make the clip: num_frames at fps from the first frame."""
+
+    num_frames: int
+    fps: Fraction
+    pad_short: bool  # a video shorter than the clip: repeat its last frame (True) or drop the pair
+
+
+@dataclass
+class PreparedVideoPair:
+    """A row of two videos ready to encode: winner first. pixels uint8 [3 x F x H x W]."""
+
+    key: str
+    row: int
+    caption: str
+    pixels_w: torch.Tensor
+    pixels_l: torch.Tensor
+    source: dict
+    has_mismatched_sizes: bool
+    num_padded_frames: int  # over both clips
+
+
+def sample_frames(data: bytes, column: str, clip: ClipSpec, resolution: tuple[int, int],
+                  crop_seed: int | None) -> tuple[torch.Tensor, dict]:
+    """Decode a video and take clip.num_frames frames at clip.fps, resized and cropped to resolution.
+
+    Frame k is the source frame on screen at time k / fps from the first frame (the last one
+    whose timestamp is <= k / fps), so a 24 fps source sampled at 8 fps gives frames 0, 3, 6, ...
+    Times are exact fractions, so the choice is the same on every machine. Decoding stops once
+    the clip is full; only the chosen frames are converted. Returns pixels uint8 [3 x F x H x W]
+    and {"size": [h, w], "frames": source frame index of each clip frame (repeats included),
+    "num_padded_frames", "source_fps"}.
+    Raises BadRow("unreadable COLUMN") or BadRow("short video") (unless clip.pad_short).
+    """
+    import av
+
+    targets = [Fraction(k) / clip.fps for k in range(clip.num_frames)]
+    chosen: list[torch.Tensor] = []
+    indices: list[int] = []
+    on_screen: tuple | None = None  # (index, av frame, its pixels once converted, its time)
+
+    def take() -> None:
+        nonlocal on_screen
+        index, frame, pixels, time = on_screen
+        if pixels is None:
+            pixels, _ = resize_and_crop(frame.to_image(), resolution, crop_seed)
+            on_screen = (index, frame, pixels, time)
+        chosen.append(pixels)
+        indices.append(index)
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise BadRow(f"unreadable {column}", "the file has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            start = size = None
+            for index, frame in enumerate(container.decode(stream)):
+                if frame.pts is not None:
+                    time = Fraction(frame.pts) * stream.time_base
+                elif rate:
+                    time = index / Fraction(rate)
+                else:
+                    raise BadRow(f"unreadable {column}", "frames have no timestamps and the stream no frame rate")
+                start = time if start is None else start
+                size = size or [frame.height, frame.width]
+                while len(chosen) < clip.num_frames and targets[len(chosen)] < time - start:
+                    take()
+                if len(chosen) == clip.num_frames:
+                    break
+                on_screen = (index, frame, None, time - start)
+    except av.FFmpegError as e:
+        raise BadRow(f"unreadable {column}", f"{len(data)} bytes PyAV cannot decode: {e}") from None
+    if on_screen is None:
+        raise BadRow(f"unreadable {column}", "no frames decoded")
+    # The last frame stays on screen for one frame duration; targets past that lie beyond the video.
+    end = on_screen[3] + (1 / Fraction(rate) if rate else 0)
+    while len(chosen) < clip.num_frames and targets[len(chosen)] < end:
+        take()
+    num_padded = clip.num_frames - len(chosen)
+    if num_padded and not clip.pad_short:
+        raise BadRow("short video", f"{column} lasts {float(end):.3f} s, the clip needs "
+                                    f"{clip.num_frames} frames at {float(clip.fps):g} fps")
+    for _ in range(num_padded):
+        take()
+    info = {"size": size, "frames": indices, "num_padded_frames": num_padded,
+            "source_fps": round(float(rate), 6) if rate else None}
+    return torch.stack(chosen, 1), info
+
+
+def prepare_video_row(spec: RowSpec, clip: ClipSpec, index: int, manifest_path: str, row: dict) -> PreparedVideoPair:
+    """One manifest row of two videos -> a PreparedVideoPair with the winner first. Raises BadRow."""
+    caption, labels, data, key = _read_row(spec, manifest_path, row)
+    winner = 0 if labels[0] > labels[1] else 1
+    order = (winner, 1 - winner)
+    crop_seeds = _crop_seeds(spec, key)
+    clips = {i: sample_frames(data[i], spec.image_columns[i], clip, spec.resolution, seed)
+             for i, seed in zip(order, crop_seeds)}
+    sizes = [clips[i][1]["size"] for i in (0, 1)]
+    has_mismatched_sizes = sizes[0] != sizes[1]
+    if has_mismatched_sizes and spec.drop_mismatched_sizes:
+        raise BadRow("mismatched sizes", f"{spec.image_columns[0]} is {sizes[0]} (h, w), "
+                                         f"{spec.image_columns[1]} is {sizes[1]}")
+    source = {"manifest": os.path.basename(manifest_path), "row": index, "winner": spec.image_columns[winner],
+              "labels": labels, "crop": "center" if spec.random_crop_seed is None else "random",
+              "crop_seeds": crop_seeds, "original_sizes": [clips[i][1]["size"] for i in order],
+              "source_fps": [clips[i][1]["source_fps"] for i in order],
+              "frames": [clips[i][1]["frames"] for i in order],
+              "num_padded_frames": [clips[i][1]["num_padded_frames"] for i in order]}
+    if spec.key_column is not None:
+        source["id"] = key
+    return PreparedVideoPair(key, index, caption, clips[winner][0], clips[1 - winner][0], source,
+                             has_mismatched_sizes, sum(source["num_padded_frames"]))
+
+
 # ---------------------------------------------------------------- SDXL encoders
 
-def _subfolder(root: str, name: str) -> str:
+SDXL_LAYOUT = "an SDXL-layout diffusers folder (vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
+WAN_LAYOUT = "a Wan-layout diffusers folder (vae/, text_encoder/, tokenizer/)"
+
+
+def _subfolder(root: str, name: str, layout: str = SDXL_LAYOUT) -> str:
     path = os.path.join(root, name)
     if not os.path.isdir(path):
-        raise ValueError(f"model folder {root} has no {name}/; point --model at an SDXL-layout diffusers folder "
-                         "(vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+        raise ValueError(f"model folder {root} has no {name}/; point --model at {layout}")
     return path
 
 
@@ -345,3 +488,68 @@ class SDXLEncoder:
             out = encoder(ids, output_hidden_states=True)
             states.append(out.hidden_states[-2].float())
         return torch.cat(states, dim=-1), out.text_embeds.float()  # pooled: text_encoder_2's projection
+
+
+class WanEncoder:
+    """Wan's causal 3D VAE (AutoencoderKLWan) and UMT5 text encoder from a local diffusers folder, frozen.
+
+    Latents are normalised per channel as WanPipeline un-normalises them before decoding:
+    stored = (z - latents_mean) / latents_std, both from the VAE's config.
+    """
+
+    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype,
+                 max_sequence_length: int):
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        vae_path = vae_path or os.path.join(model_path, "vae")
+        config_path = os.path.join(vae_path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(f"{vae_path} has no config.json; point --model at {WAN_LAYOUT} "
+                             "or --vae at an AutoencoderKLWan folder")
+        with open(config_path) as f:
+            vae_class = json.load(f).get("_class_name")
+        if vae_class != "AutoencoderKLWan":
+            raise ValueError(f"{config_path} is a {vae_class}; --family wan needs an AutoencoderKLWan")
+        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
+        self.vae = AutoencoderKLWan.from_pretrained(vae_path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+        config = self.vae.config
+        self.latents_mean = [float(x) for x in config.latents_mean]
+        self.latents_std = [float(x) for x in config.latents_std]
+        self.spatial_scale_factor = int(config.scale_factor_spatial)
+        self.temporal_scale_factor = int(config.scale_factor_temporal)
+        self.tokenizer = AutoTokenizer.from_pretrained(_subfolder(model_path, "tokenizer", WAN_LAYOUT))
+        text_encoder_path = _subfolder(model_path, "text_encoder", WAN_LAYOUT)
+        self.text_encoder = UMT5EncoderModel.from_pretrained(text_encoder_path, torch_dtype=dtype)
+        self.text_encoder.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode_videos(self, pixels_N3FHW: torch.Tensor) -> torch.Tensor:
+        """uint8 [N x 3 x F x H x W] -> normalised latents [N x C x (1 + (F-1)/4) x H/8 x W/8], float32.
+
+        One clip per VAE call: a clip is already a large batch of frames, and the causal VAE
+        keeps a feature cache per call. The posterior mean, not a sample.
+        """
+        mean = torch.tensor(self.latents_mean).view(-1, 1, 1, 1)
+        std = torch.tensor(self.latents_std).view(-1, 1, 1, 1)
+        latents = []
+        for clip in pixels_N3FHW:
+            x = clip[None].to(self.device, torch.float32).div(127.5).sub(1.0).to(self.dtype)
+            z = self.vae.encode(x).latent_dist.mode()[0].float().cpu()
+            latents.append((z - mean) / std)
+        return torch.stack(latents)
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        """captions [B] -> prompt_embeds [B x L x D], float32, L = max_sequence_length.
+
+        As WanPipeline: cleaned text, UMT5's last hidden states, zeros past each prompt's tokens.
+        (The pipeline also runs ftfy when it is installed; this does not.)
+        """
+        captions = [re.sub(r"\s+", " ", html.unescape(html.unescape(c)).strip()).strip() for c in captions]
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_sequence_length,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        mask = tokens.attention_mask.to(self.device)
+        states = self.text_encoder(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
+        return states * mask[..., None].gt(0)

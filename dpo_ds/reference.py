@@ -41,7 +41,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from dpo_ds import engine, noise
+from dpo_ds import engine
 from dpo_ds.config import RunConfig
 from dpo_ds.data import ShardInfo
 from dpo_ds.models import load_scheduler_config, pair_errors
@@ -198,7 +198,6 @@ class CachedReference:
         self.num_draws, self.seed = int(fp["num_draws"]), int(fp["seed"])
         self.timestep_range = tuple(fp["timestep_range"]) if fp["timestep_range"] else None
         self.num_train_timesteps = num_train_timesteps
-        self.has_warned_cycling = False
         self.row: dict[str, int] = {}
         parts: dict[str, list[torch.Tensor]] = {"timesteps": [], "ref_err_w": [], "ref_err_l": []}
         for entry in manifest["files"]:
@@ -225,32 +224,12 @@ class CachedReference:
             log.info("reference: cache %s, %d pairs x %d draws", cache_dir, len(ref.row), ref.num_draws)
         return ref
 
-    def cycle_draws(self, batch: dict) -> dict:
-        """The batch at draw index (draw_index mod K): past K visits a pair reuses its cached draws.
-
-        The loader draws at the epoch; for epochs >= K the pair's timestep and noise are
-        redrawn here with the same pure function at the cycled index, so the policy
-        sees exactly the noisy latents the cached errors were computed on.
-        """
-        draw_index = batch["draw_index"]
-        if bool((draw_index < self.num_draws).all()):
-            return batch
-        if not self.has_warned_cycling and engine.rank() == 0:
-            log.warning("reference cache %s holds %d draws per pair; from epoch %d on, draws are reused "
-                        "cyclically (draw index = epoch mod %d)", self.cache_dir, self.num_draws,
-                        int(draw_index.max()), self.num_draws)
-        self.has_warned_cycling = True
-        cycled = draw_index.cpu() % self.num_draws
-        shape = tuple(batch["noise"].shape[1:])
-        draws = [noise.draw(self.seed, key, int(d), shape, self.num_train_timesteps, self.timestep_range)
-                 for key, d in zip(batch["keys"], cycled)]
-        device = batch["noise"].device
-        return {**batch, "draw_index": cycled.to(device),
-                "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long, device=device),
-                "noise": torch.stack([n for _, n in draws]).to(device)}
-
     def errors(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
-        """r_w, r_l: [B] float32 cached errors at the batch's (already cycled) draws; x_t, target, t are not needed."""
+        """r_w, r_l: [B] float32 cached errors at the batch's draws (x_t, target, t are not needed).
+
+        The loader draws at epoch mod num_draws (PairLoader's num_draws), so past K
+        visits a pair reuses its cached draws.
+        """
         rows = []
         for key in batch["keys"]:
             if key not in self.row:
@@ -259,7 +238,7 @@ class CachedReference:
             rows.append(self.row[key])
         rows_t = torch.tensor(rows, dtype=torch.long)
         draws = batch["draw_index"].cpu()
-        assert bool((draws < self.num_draws).all()), "cycle_draws must run first"
+        assert bool((draws < self.num_draws).all()), "the loader must draw at epoch mod num_draws"
         cached_t = self.timesteps[rows_t, draws]
         mismatch = (cached_t != batch["timesteps"].cpu()).nonzero()
         if len(mismatch):

@@ -71,6 +71,7 @@ class Trainer:
             cfg.model.prediction_type)
         shards = list_shards(cfg.data.shards)
         self.has_cache = cfg.reference.mode == "cache"
+        self.has_warned_cycling = False
         self.drift_reference: LiveReference | None = None
         self.cache_drift: float | None = None  # ref/cache_drift of the last drift check, until it is logged
         self.is_drift_check_due = False
@@ -95,7 +96,8 @@ class Trainer:
             world_size=engine.world_size(), seed=cfg.seed, num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
             schema=self.spec.sample_schema(self.unet_config, cfg.data.resolution, cfg.model.vae_scale_factor),
-            num_train_timesteps=self.schedule.num_train_timesteps, timestep_range=cfg.data.timestep_range)
+            num_train_timesteps=self.schedule.num_train_timesteps, timestep_range=cfg.data.timestep_range,
+            num_draws=self.reference.num_draws if self.has_cache else None)
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
 
@@ -103,8 +105,6 @@ class Trainer:
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DPO loss of one micro-batch: policy and reference at the same noisy inputs."""
-        if self.has_cache:
-            batch = self.reference.cycle_draws(batch)
         x_t, target, t = noisy_pair(batch, self.schedule)
         model_err_w, model_err_l = pair_errors(self.spec, self.policy, batch, x_t, target, t, self.dtype)
         ref_err_w, ref_err_l = self.reference.errors(batch, x_t, target, t)
@@ -180,6 +180,12 @@ class Trainer:
         """Micro-batches from the saved data position on, epoch after epoch."""
         state = self.state
         while True:
+            if self.has_cache and state.epoch >= self.reference.num_draws and not self.has_warned_cycling:
+                self.has_warned_cycling = True
+                if engine.rank() == 0:
+                    log.warning("reference cache %s holds %d draws per pair; from epoch %d on, draws are reused "
+                                "cyclically (draw index = epoch mod %d)", self.cfg.reference.cache_dir,
+                                self.reference.num_draws, state.epoch, self.reference.num_draws)
             for batch in self.loader.epoch(state.epoch, skip_batches=state.batch_in_epoch):
                 yield batch
             state.epoch += 1

@@ -160,6 +160,22 @@ def test_order_and_draws_are_deterministic(tmp_path):
     assert not torch.equal(noise.draw(7, key, 2, (4, 8, 8), 1000)[1], noise.draw(7, key, 3, (4, 8, 8), 1000)[1])
 
 
+def test_draws_cycle_over_a_cache_of_k_draws(tmp_path):
+    """With num_draws=K, epoch e draws at e mod K (a reference cache holds K draws); the order still uses e."""
+    write_pairs(tmp_path, range(12), max_pairs=6)
+    shards = data.list_shards(str(tmp_path))
+    cycled, plain = make_loader(shards, num_draws=2), make_loader(shards)
+    late, early = list(cycled.epoch(3)), list(plain.epoch(1))
+    assert all_keys(late) == all_keys(list(plain.epoch(3)))  # shuffle of epoch 3
+    by_key = {k: (b["timesteps"][i], b["noise"][i]) for b in early for i, k in enumerate(b["keys"])}
+    for batch in late:
+        assert batch["draw_index"].tolist() == [1] * len(batch["keys"])
+        for i, key in enumerate(batch["keys"]):
+            assert batch["timesteps"][i] == by_key[key][0] and torch.equal(batch["noise"][i], by_key[key][1])
+    with pytest.raises(ValueError, match="num_draws"):
+        make_loader(shards, num_draws=0)
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core CI box is fine
 @pytest.mark.parametrize("num_workers,max_pairs", [(2, 6), (3, 4)])
 def test_resume_mid_epoch(tmp_path, num_workers, max_pairs):

@@ -1,7 +1,7 @@
-"""Encode raw preference pairs (prompt, two images, labels) into latent shards, once, offline.
+"""Encode raw preference pairs (prompt, two images or two videos, labels) into latent shards, once, offline.
 
 Reads Parquet / JSONL / CSV manifests in the Pick-a-Pic layout (caption, jpg_0/jpg_1 as bytes or
-paths, label_0/label_1 with ties as 0.5). Writes (DESIGN.md §4):
+paths, label_0/label_1 with ties as 0.5; for videos video_0/video_1). Writes (DESIGN.md §4):
 
   OUT/PREFIX-CCCCCC-NNNNNN.tar, OUT/index.json   the pairs of manifest chunk C, shard N of it
   VAL_OUT/... the same layout              pairs whose key hash is below --val-fraction
@@ -13,7 +13,16 @@ One sample per pair, winner first (family "sdxl", latent_layout "CHW"):
                     source: {manifest, row, winner, labels, crop, crop_seeds, original_sizes[, id]}}
   KEY.safetensors  latents_w, latents_l [4, R/8, R/8], prompt_embeds [77, 2048],
                    pooled_prompt_embeds [1280] in --store-dtype; time_ids_w, time_ids_l [6] float32
-KEY is the --key-column value, else a hash of the caption and both images' bytes.
+With --family wan, one sample per pair of videos (latent_layout "CFHW"):
+  KEY.json         {caption, family: "wan", latent_layout: "CFHW", scaling_factor: 1.0, shift_factor: null,
+                    latents_mean, latents_std (per channel), label: 1.0,
+                    source: {... as above, source_fps, frames (source frame indices), num_padded_frames,
+                    num_frames, fps}}
+  KEY.safetensors  latents_w, latents_l [16, 1 + (F-1)/4, H/8, W/8] = (z - latents_mean) / latents_std,
+                   prompt_embeds [--max-sequence-length, 4096] (UMT5, zero past the prompt) in --store-dtype
+  Frame k of a clip is the source frame on screen at k / --fps s; videos too short for
+  --num-frames are dropped ("short video") or, with --short-clips pad, end in repeats of their last frame.
+KEY is the --key-column value, else a hash of the caption and both files' bytes.
 
 Chunk C is rows [C*N, (C+1)*N) of the manifests (N = --pairs-per-shard) and goes to rank
 C % world_size. Shards depend on the chunk alone, so any world size writes the same files,
@@ -34,13 +43,14 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from typing import Iterator
 
 import torch
 
 from dpo_ds.data import INDEX_FORMAT, INDEX_NAME, ShardWriter
-from dpo_ds.encode import (BadRow, Manifest, PreparedPair, RowSpec, SDXLEncoder, key_fraction, prepare_row,
-                           rank_and_world)
+from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, SDXLEncoder,
+                           WanEncoder, key_fraction, prepare_row, prepare_video_row, rank_and_world)
 
 log = logging.getLogger("encode_pairs")
 
@@ -48,14 +58,19 @@ PROGRESS_DIR = ".encode"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUM_LOGGED_PER_REASON = 20  # bad rows logged one by one per reason; the rest only counted
+VIDEO_FAMILIES = ("wan",)
+DEFAULT_BATCH_SIZES = {"sdxl": 16, "wan": 1}  # a Wan clip is already dozens of frames through the VAE
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", nargs="+", required=True, help="Parquet/JSONL/CSV file(s), read in this order")
+    p.add_argument("--family", choices=["sdxl", *VIDEO_FAMILIES], default="sdxl",
+                   help="sdxl: pairs of images; wan: pairs of videos (Wan 2.1 T2V: AutoencoderKLWan + UMT5)")
     p.add_argument("--model", required=True,
-                   help="SDXL-layout diffusers folder: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
-    p.add_argument("--vae", default=None, help="AutoencoderKL folder to use instead of MODEL/vae "
+                   help="diffusers folder; sdxl: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; "
+                   "wan: vae/, text_encoder/, tokenizer/")
+    p.add_argument("--vae", default=None, help="VAE folder to use instead of MODEL/vae "
                    "(e.g. an fp16-safe SDXL VAE)")
     p.add_argument("--out", required=True, help="folder for the training shards")
     p.add_argument("--val-out", default=None, help="folder for the validation shards (needs --val-fraction)")
@@ -66,8 +81,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="image bytes or paths (relative to the manifest or --image-root); e.g. image_0 image_1")
     p.add_argument("--label-columns", nargs=2, default=["label_0", "label_1"], metavar=("LABEL_0", "LABEL_1"))
     p.add_argument("--key-column", default=None, help="a unique id column to key pairs by (default: content hash)")
-    p.add_argument("--image-root", default=None, help="folder that relative image paths start from")
+    p.add_argument("--video-columns", nargs=2, default=["video_0", "video_1"], metavar=("VIDEO_0", "VIDEO_1"),
+                   help="video families: video bytes or paths (relative to the manifest or --image-root)")
+    p.add_argument("--image-root", default=None, help="folder that relative image (or video) paths start from")
     p.add_argument("--resolution", type=int, default=1024, help="square target side in pixels")
+    p.add_argument("--height", type=int, default=None, help="video families: frame height (default --resolution)")
+    p.add_argument("--width", type=int, default=None, help="video families: frame width (default --resolution)")
+    p.add_argument("--num-frames", type=int, default=81, help="video families: frames per clip (Wan: 4k + 1)")
+    p.add_argument("--fps", type=float, default=16.0,
+                   help="video families: frames are sampled at this rate from the start of each video")
+    p.add_argument("--short-clips", choices=["drop", "pad"], default="drop",
+                   help="videos shorter than --num-frames at --fps: drop the pair, or repeat the last frame "
+                   "(counted either way)")
+    p.add_argument("--max-sequence-length", type=int, default=512,
+                   help="wan: text tokens per prompt (WanPipeline's default 512)")
     p.add_argument("--crop", choices=["center", "random"], default="center",
                    help="random: one crop per image, seeded from --seed and the key, recorded in the json")
     p.add_argument("--seed", type=int, default=0)
@@ -76,11 +103,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pairs-per-shard", type=int, default=1000, help="manifest rows per chunk (and shard)")
     p.add_argument("--max-shard-bytes", type=int, default=None, help="also roll a shard over at this size")
     p.add_argument("--prefix", default="pairs", help="shard file name prefix")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs encoded per forward pass")
-    p.add_argument("--num-workers", type=int, default=4, help="threads reading and resizing images")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="pairs encoded per text-encoder pass (default 16 for images, 1 for videos; videos go "
+                   "through the VAE one clip at a time)")
+    p.add_argument("--num-workers", type=int, default=4, help="threads reading and resizing images or videos")
     p.add_argument("--dtype", choices=["auto", *COMPUTE_DTYPES], default="auto",
                    help="encoder precision: auto is bf16 on GPUs that have it, else fp32. SDXL's original VAE "
-                   "overflows in fp16")
+                   "and Wan's UMT5 overflow in fp16")
     p.add_argument("--store-dtype", choices=list(STORE_DTYPES), default="float16")
     p.add_argument("--device", default=None, help="default cuda:LOCAL_RANK when a GPU is present, else cpu")
     p.add_argument("--rank", type=int, default=None, help="override the rank found in the environment")
@@ -88,8 +117,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
+    args.is_video = args.family in VIDEO_FAMILIES
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZES[args.family]
     if args.resolution < 1 or args.pairs_per_shard < 1 or args.batch_size < 1 or args.num_workers < 1:
         p.error("--resolution, --pairs-per-shard, --batch-size and --num-workers must be >= 1")
+    if not args.is_video and (args.height is not None or args.width is not None):
+        p.error("--height and --width are for video families; images are square, use --resolution")
+    args.height, args.width = args.height or args.resolution, args.width or args.resolution
+    if min(args.height, args.width, args.num_frames, args.max_sequence_length) < 1 or not args.fps > 0:
+        p.error("--height, --width, --num-frames, --max-sequence-length must be >= 1 and --fps > 0")
     if not 0.0 <= args.val_fraction < 1.0:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if (args.val_fraction > 0) != (args.val_out is not None):
@@ -108,22 +145,27 @@ def _submit_ahead(pool: ThreadPoolExecutor, fn, items: Iterator[tuple], ahead: i
 
 
 class ChunkStats:
-    def __init__(self) -> None:
+    def __init__(self, is_video: bool) -> None:
         self.num_rows = self.num_pairs = self.num_val_pairs = self.num_ties = self.num_mismatched_sizes = 0
+        self.num_padded_clips = 0
+        self.is_video = is_video
         self.bad_rows: collections.Counter = collections.Counter()
 
     def as_dict(self) -> dict:
-        return {"rows": self.num_rows, "pairs_written": self.num_pairs, "val_pairs_written": self.num_val_pairs,
-                "ties_dropped": self.num_ties, "bad_rows": dict(sorted(self.bad_rows.items())),
-                "mismatched_sizes_kept": self.num_mismatched_sizes}
+        counts = {"rows": self.num_rows, "pairs_written": self.num_pairs, "val_pairs_written": self.num_val_pairs,
+                  "ties_dropped": self.num_ties, "bad_rows": dict(sorted(self.bad_rows.items())),
+                  "mismatched_sizes_kept": self.num_mismatched_sizes}
+        if self.is_video:  # image runs keep the summary they always had
+            counts["short_clips_padded"] = self.num_padded_clips
+        return counts
 
 
 class Encoder:
     """Encodes this rank's chunks; owns the models, the row reader threads and the counts."""
 
-    def __init__(self, args: argparse.Namespace, manifest: Manifest, spec: RowSpec, settings: dict,
-                 encoder: SDXLEncoder, store_dtype: torch.dtype):
-        self.args, self.manifest, self.spec, self.settings = args, manifest, spec, settings
+    def __init__(self, args: argparse.Namespace, manifest: Manifest, spec: RowSpec, clip: ClipSpec | None,
+                 settings: dict, encoder: SDXLEncoder | WanEncoder, store_dtype: torch.dtype):
+        self.args, self.manifest, self.spec, self.clip, self.settings = args, manifest, spec, clip, settings
         self.encoder, self.store_dtype = encoder, store_dtype
         self.num_logged: collections.Counter = collections.Counter()
         self.num_pairs_this_run = 0
@@ -133,7 +175,7 @@ class Encoder:
         args = self.args
         stage = os.path.join(args.out, PROGRESS_DIR, f"stage-{chunk:06d}")
         shutil.rmtree(stage, ignore_errors=True)  # what an interrupted attempt left
-        stats, keys = ChunkStats(), set()
+        stats, keys = ChunkStats(args.is_video), set()
         start = chunk * args.pairs_per_shard
         rows = self.manifest.rows(start, min(start + args.pairs_per_shard, self.manifest.num_rows))
         prefix = f"{args.prefix}-{chunk:06d}"
@@ -143,8 +185,11 @@ class Encoder:
         with ThreadPoolExecutor(args.num_workers) as pool, contextlib.ExitStack() as stack:
             for writer in writers.values():
                 stack.enter_context(writer)
-            batch: list[PreparedPair] = []
-            prepare = lambda i, path, row: prepare_row(self.spec, i, path, row)  # noqa: E731
+            batch: list[PreparedPair | PreparedVideoPair] = []
+            if args.is_video:
+                prepare = lambda i, path, row: prepare_video_row(self.spec, self.clip, i, path, row)  # noqa: E731
+            else:
+                prepare = lambda i, path, row: prepare_row(self.spec, i, path, row)  # noqa: E731
             for (index, path, _), future in _submit_ahead(pool, prepare, rows, ahead=4 * args.batch_size):
                 stats.num_rows += 1
                 progress.update(1)
@@ -157,6 +202,7 @@ class Encoder:
                     continue
                 keys.add(pair.key)
                 stats.num_mismatched_sizes += pair.has_mismatched_sizes
+                stats.num_padded_clips += args.is_video and pair.num_padded_frames > 0
                 batch.append(pair)
                 if len(batch) == args.batch_size:
                     self._write_batch(batch, writers, stats)
@@ -187,7 +233,7 @@ class Encoder:
                         " (further rows with this reason are only counted)"
                         if self.num_logged[error.reason] == NUM_LOGGED_PER_REASON else "")
 
-    def _write_batch(self, batch: list[PreparedPair], writers: dict[str, ShardWriter], stats: ChunkStats) -> None:
+    def _samples_sdxl(self, batch: list[PreparedPair]) -> Iterator[tuple[dict, dict]]:
         latents = self.encoder.encode_images(torch.stack([p.pixels_w for p in batch] + [p.pixels_l for p in batch]))
         latents_w, latents_l = latents.chunk(2)
         prompt_embeds, pooled = self.encoder.encode_prompts([p.caption for p in batch])
@@ -199,6 +245,27 @@ class Encoder:
             meta = {"caption": pair.caption, "family": "sdxl", "latent_layout": "CHW",
                     "scaling_factor": self.encoder.scaling_factor, "shift_factor": self.encoder.shift_factor,
                     "label": 1.0, "source": {"tool": "encode_pairs", "resolution": self.args.resolution, **pair.source}}
+            yield tensors, meta
+
+    def _samples_wan(self, batch: list[PreparedVideoPair]) -> Iterator[tuple[dict, dict]]:
+        args = self.args
+        latents = self.encoder.encode_videos(torch.stack([p.pixels_w for p in batch] + [p.pixels_l for p in batch]))
+        latents_w, latents_l = latents.chunk(2)
+        prompt_embeds = self.encoder.encode_prompts([p.caption for p in batch])
+        for i, pair in enumerate(batch):
+            tensors = {"latents_w": latents_w[i].to(self.store_dtype), "latents_l": latents_l[i].to(self.store_dtype),
+                       "prompt_embeds": prompt_embeds[i].to(self.store_dtype)}
+            # The normalisation is per channel, so scaling_factor is 1 and mean/std travel beside it.
+            meta = {"caption": pair.caption, "family": "wan", "latent_layout": "CFHW", "scaling_factor": 1.0,
+                    "shift_factor": None, "latents_mean": self.encoder.latents_mean,
+                    "latents_std": self.encoder.latents_std, "label": 1.0,
+                    "source": {"tool": "encode_pairs", "resolution": [args.height, args.width],
+                               "num_frames": args.num_frames, "fps": args.fps, **pair.source}}
+            yield tensors, meta
+
+    def _write_batch(self, batch: list, writers: dict[str, ShardWriter], stats: ChunkStats) -> None:
+        samples = self._samples_wan(batch) if self.args.is_video else self._samples_sdxl(batch)
+        for pair, (tensors, meta) in zip(batch, samples):
             is_val = "val" in writers and key_fraction(pair.key) < self.args.val_fraction
             try:
                 writers["val" if is_val else "train"].write(pair.key, meta, tensors)
@@ -276,6 +343,8 @@ def _totals(markers: list[dict]) -> dict:
     for marker in markers:
         for field in ("rows", "pairs_written", "val_pairs_written", "ties_dropped", "mismatched_sizes_kept"):
             totals[field] += marker["stats"][field]
+        if "short_clips_padded" in marker["stats"]:  # video runs only
+            totals["short_clips_padded"] = totals.get("short_clips_padded", 0) + marker["stats"]["short_clips_padded"]
         totals["bad_rows"].update(marker["stats"]["bad_rows"])
         totals["bytes"] += sum(e["size_bytes"] for e in marker["train"] + marker["val"])
         totals["shards"] += len(marker["train"]) + len(marker["val"])
@@ -302,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside world size {world}")
-        columns = [args.caption_column, *args.image_columns, *args.label_columns]
+        media_columns = args.video_columns if args.is_video else args.image_columns
+        columns = [args.caption_column, *media_columns, *args.label_columns]
         columns += [args.key_column] if args.key_column else []
         manifest = Manifest(args.manifest, columns)
-        spec = RowSpec(args.caption_column, tuple(args.image_columns), tuple(args.label_columns), args.key_column,
-                       args.image_root, args.resolution, args.seed if args.crop == "random" else None,
-                       args.mismatched_sizes == "drop")
+        spec = RowSpec(args.caption_column, tuple(media_columns), tuple(args.label_columns), args.key_column,
+                       args.image_root, (args.height, args.width) if args.is_video else args.resolution,
+                       args.seed if args.crop == "random" else None, args.mismatched_sizes == "drop")
+        clip = ClipSpec(args.num_frames, Fraction(str(args.fps)), args.short_clips == "pad") if args.is_video else None
         # Everything a stored sample depends on; a resumed run must match it field by field.
         settings = {"manifests": manifest.fingerprint(), "columns": columns, "resolution": args.resolution,
                     "crop": args.crop, "seed": args.seed if args.crop == "random" else None,
@@ -315,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
                     "max_shard_bytes": args.max_shard_bytes, "prefix": args.prefix,
                     "val_fraction": args.val_fraction, "store_dtype": args.store_dtype,
                     "model": os.path.abspath(args.model), "vae": args.vae and os.path.abspath(args.vae)}
+        if args.is_video:  # image runs keep the settings they always had, so their outputs still resume
+            settings.update(family=args.family, height=args.height, width=args.width, num_frames=args.num_frames,
+                            fps=args.fps, short_clips=args.short_clips,
+                            max_sequence_length=args.max_sequence_length)
         os.makedirs(os.path.join(args.out, PROGRESS_DIR), exist_ok=True)
         if args.val_out is not None:
             os.makedirs(args.val_out, exist_ok=True)
@@ -326,10 +401,21 @@ def main(argv: list[str] | None = None) -> int:
         encoder = None
         if pending:
             device, dtype = _device_and_dtype(args, local_rank)
-            encoder = SDXLEncoder(args.model, args.vae, device, dtype)
-            if args.resolution % encoder.vae_scale_factor:
-                raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE's scale factor "
-                                 f"{encoder.vae_scale_factor}")
+            if args.is_video:
+                encoder = WanEncoder(args.model, args.vae, device, dtype, args.max_sequence_length)
+                spatial, temporal = encoder.spatial_scale_factor, encoder.temporal_scale_factor
+                if args.height % spatial or args.width % spatial:
+                    raise ValueError(f"--height {args.height} and --width {args.width} must be multiples of the "
+                                     f"VAE's spatial scale factor {spatial}")
+                if (args.num_frames - 1) % temporal:
+                    nearest = 1 + temporal * max(1, (args.num_frames - 1) // temporal)
+                    raise ValueError(f"--num-frames {args.num_frames} must be 1 + a multiple of the VAE's temporal "
+                                     f"scale factor {temporal}, e.g. {nearest}")
+            else:
+                encoder = SDXLEncoder(args.model, args.vae, device, dtype)
+                if args.resolution % encoder.vae_scale_factor:
+                    raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE's scale factor "
+                                     f"{encoder.vae_scale_factor}")
     except ValueError as e:
         print(f"encode_pairs: error: {e}", file=sys.stderr)
         return 2
@@ -343,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=num_pending_rows, unit="row", disable=args.no_progress or rank != 0, dynamic_ncols=True,
               desc="encode") as progress:
         if pending:
-            work = Encoder(args, manifest, spec, settings, encoder, STORE_DTYPES[args.store_dtype])
+            work = Encoder(args, manifest, spec, clip, settings, encoder, STORE_DTYPES[args.store_dtype])
             for chunk in pending:
                 markers[chunk] = work.chunk(chunk, progress)
     _publish_indexes(args, markers)
@@ -365,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
           f"  ties dropped      {rank_totals['ties_dropped']}\n"
           f"  bad rows          {sum(rank_totals['bad_rows'].values())} ({bad})\n"
           f"  mismatched sizes  {rank_totals['mismatched_sizes_kept']} pairs kept\n"
-          f"  bytes             {rank_totals['bytes']} in {rank_totals['shards']} shards\n"
+          + (f"  short clips       {rank_totals.get('short_clips_padded', 0)} pairs padded\n" if args.is_video else "")
+          + f"  bytes             {rank_totals['bytes']} in {rank_totals['shards']} shards\n"
           f"  this run          {num_new} pairs in {elapsed:.1f} s ({num_new / max(elapsed, 1e-9):.2f} pairs/s)")
     print("summary " + json.dumps(rank_totals, sort_keys=True), flush=True)
     return 0
