@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so a CPU-only machine does not pull a multi-GB CUDA build;
 # override on GPU machines, e.g. `make TORCH_SPEC="torch==2.5.1" demo`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,mpi
+EXTRAS ?= dev,mpi,video
 NPROC ?= 2
 DEMO_DIR ?= runs/demo
 

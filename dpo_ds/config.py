@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,11 +64,34 @@ class DataConfig(_Section):
     """Stop the run once more than this fraction of the pairs read were bad (skipped)."""
     timestep_range: tuple[int, int] | None = None
     """Draw timesteps from [lo, hi) only; default all training timesteps."""
+    val_shards: str | list[str] | None = None
+    """Held-out pairs (same forms as `shards`), scored without gradient every `val_every` steps at a
+    fixed draw (draw index 0), so the numbers compare across steps."""
+    val_every: int = Field(0, ge=0)
+    """Validate every N optimizer steps (0: never)."""
+    val_max_batches: int = Field(16, ge=1)
+    """Micro-batches per rank per validation."""
 
 
 class DPOConfig(_Section):
     beta: float = Field(5000.0, gt=0)
     """β of Diffusion-DPO with mean-reduced errors (DESIGN.md §1); 5000 for SDXL in the paper's scripts."""
+
+
+class LossConfig(_Section):
+    type: Literal["dpo", "ipo", "sft"] = "dpo"
+    """`dpo`: Diffusion-DPO (the paper's); `ipo`: a bounded squared target on the same margin;
+    `sft`: the plain diffusion objective on both images of every pair (no reference; trains a reference)."""
+    loser_weight: float = Field(1.0, ge=0, le=1)
+    """Scale of the gradient through the loser's error (1: the paper's DPO; 0: the loser only
+    weights the sigmoid). Lowering it guards against raising the loser's error in ways that do
+    not move samples away from it."""
+    sft_weight: float = Field(0.0, ge=0)
+    """Add sft_weight x mean(e_w): keep denoising the preferred images well."""
+    winner_hinge: float = Field(0.0, ge=0)
+    """Add winner_hinge x mean(max(0, e_w - r_w)): penalise getting worse than the reference on winners."""
+    ipo_margin: float = Field(1.0, gt=0)
+    """With type=ipo: the reward margin -(beta/2)·z each pair is pulled to."""
 
 
 class TrainConfig(_Section):
@@ -109,6 +133,9 @@ class ReferenceConfig(_Section):
     them from reference.cache_dir (written by tools/precompute_ref.py) and never builds the reference."""
     cache_dir: str | None = None
     """Reference cache directory: read by training with mode=cache, written by tools/precompute_ref.py."""
+    val_cache_dir: str | None = None
+    """With mode=cache and validation on: the cache of data.val_shards (tools/precompute_ref.py
+    --data.shards=VAL --reference.cache_dir=THIS --num-draws 1)."""
     pretrained_path: str | None = None
     """Reference weights (a diffusers folder); default: the policy's initial weights."""
     offload: Literal["cpu", "none"] = "cpu"
@@ -143,6 +170,9 @@ class CheckpointConfig(_Section):
 class LoggingConfig(_Section):
     every_steps: int = Field(1, ge=1)
     """Reduce and write scalars every N optimizer steps."""
+    gap_w_window: int = Field(50, ge=1)
+    """Warn when train/gap_w (e_w - r_w) stayed above zero for this many steps in a row:
+    the policy is getting worse on what was preferred."""
     progress: bool = True
     """Console progress bar with ETA on rank 0."""
 
@@ -155,11 +185,22 @@ class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig
     dpo: DPOConfig = DPOConfig()
+    loss: LossConfig = LossConfig()
     train: TrainConfig
     optim: OptimConfig = OptimConfig()
     reference: ReferenceConfig = ReferenceConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "RunConfig":
+        if self.data.val_every and not self.data.val_shards:
+            raise ValueError("data.val_every needs data.val_shards (held-out shards)")
+        if self.data.val_every and self.reference.mode == "cache" and self.loss.type != "sft" \
+                and not self.reference.val_cache_dir:
+            raise ValueError("validation with reference.mode=cache needs reference.val_cache_dir "
+                             "(precompute the reference on data.val_shards)")
+        return self
 
     @field_validator("output_dir")
     @classmethod
@@ -167,6 +208,25 @@ class RunConfig(_Section):
         if not v:
             raise ValueError("output_dir must not be empty")
         return v
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; learning rates are written that way."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -187,7 +247,7 @@ def parse_overrides(args: list[str]) -> dict:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"cannot parse argument {arg!r}: overrides look like --section.key=value")
         dotted, raw = arg[2:].split("=", 1)
-        _set_dotted(tree, dotted, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(tree, dotted, _yaml(raw) if raw != "" else "")
     return tree
 
 
@@ -206,6 +266,8 @@ def _format_error(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key {key!r}")
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required key {key!r}")
+        elif e["type"] == "value_error":  # our own cross-field checks: the message names the keys
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -220,7 +282,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
             raise ValueError(f"config file {path} does not exist")
         with open(path) as f:
             try:
-                tree = yaml.safe_load(f) or {}
+                tree = _yaml(f) or {}
             except yaml.YAMLError as e:
                 raise ValueError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):

@@ -9,7 +9,8 @@ Beside the shards, index.json:
   {"format": "dpo_ds.shards/1", "shards": [{"name", "num_pairs", "size_bytes"}, ...]}
 
 Batch legend (PairLoader.epoch yields, B = batch_size, `...` = latent layout CHW or CFHW):
-  keys [B] str, draw_index [B] long (= epoch, or epoch mod num_draws), timesteps [B] long, noise [B x ...] float32,
+  keys [B] str, shard_urls [B] str (each pair's shard), draw_index [B] long (= epoch, or epoch mod num_draws),
+  timesteps [B] long, noise [B x ...] float32,
   latents_w / latents_l [B x ...] float32, every conditioning tensor [B x ...] float32,
   num_bad int, num_padded int.
 
@@ -47,7 +48,7 @@ MEMBER_EXTENSIONS = ("json", "safetensors")
 LATENT_NAMES = ("latents_w", "latents_l")
 LATENT_DTYPES = (torch.float16, torch.bfloat16)
 PICKLE_EXTENSIONS = {"pt", "pth", "pickle", "pkl", "pyd", "npy"}
-BATCH_FIELDS = {"keys", "draw_index", "timesteps", "noise", "num_bad", "num_padded"}
+BATCH_FIELDS = {"keys", "shard_urls", "draw_index", "timesteps", "noise", "num_bad", "num_padded"}
 # webdataset's rule: the key is the member path up to the first dot of its file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # Errors that mean "this shard's bytes are unreadable", as opposed to a bug in this module.
@@ -331,6 +332,21 @@ def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, members
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """What one loader slot reads of a shard: its pairs outside `excluded`, counted in tar order,
+    from position start up to stop (None: to the end)."""
+    shard: ShardInfo
+    excluded: frozenset[str] = frozenset()
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        end = self.shard.num_pairs - len(self.excluded) if self.stop is None else self.stop
+        return end - self.start
+
+
 def _round_robin_resume(quotas: list[int], num_skip: int) -> tuple[list[int], int]:
     """(batches each worker must drop, the worker whose turn is next) to resume at batch num_skip.
 
@@ -370,6 +386,12 @@ class PairLoader:
     (from the ShardInfo counts alone), so it is the same on every rank and in every epoch
     without communication; pairs beyond it are left over for that epoch (none when all shards
     hold the same number of pairs and it divides evenly).
+
+    An epoch can also be planned without some of its pairs (`exclude`, by shard url): the ones
+    trained before a resume on another world size. The remaining pairs, in the epoch's shard order
+    and tar order, are cut into equal contiguous runs, one per (rank, worker) slot, so each rank
+    reads only the shards its run touches; the last pairs, fewer than world_size * batch_size, are
+    left over for that epoch.
 
     Tensors whose schema shape is None may have any shape, but one worker's pairs in one epoch
     must agree (a batch is stacked); a pair that differs from the worker's first is bad.
@@ -411,10 +433,38 @@ class PairLoader:
             raise ValueError(f"{sum(counts)} pairs in {len(counts)} shards cannot give a batch of {batch_size} to "
                              f"every rank in every shuffle; use fewer workers, a smaller batch or more data")
 
-    def _plan(self, epoch: int) -> list[tuple[list[ShardInfo], int]]:
-        """This rank's (shards, batch quota) per worker in this epoch; quotas sum to batches_per_epoch."""
+    def num_batches(self, exclude: dict[str, list[str]] | None = None) -> int:
+        """Batches per rank of an epoch planned without the pairs in `exclude` ({shard url: keys});
+        batches_per_epoch when exclude is None."""
+        if exclude is None:
+            return self.batches_per_epoch
+        num_remaining = sum(self._remaining(exclude).values())
+        return num_remaining // (self.world_size * self.batch_size)
+
+    def num_left_over(self, exclude: dict[str, list[str]]) -> int:
+        """Pairs outside `exclude` that an epoch planned without them leaves over, all ranks."""
+        num_remaining = sum(self._remaining(exclude).values())
+        return num_remaining - self.num_batches(exclude) * self.world_size * self.batch_size
+
+    def _remaining(self, exclude: dict[str, list[str]]) -> dict[str, int]:
+        """Pairs per shard url outside `exclude`, which is checked against the shard list."""
+        counts = {s.url: s.num_pairs for s in self.shards}
+        for url, keys in exclude.items():
+            if url not in counts:
+                raise ValueError(f"the data position names shard {url}, which data.shards does not list; "
+                                 "resume with the shards the run was trained on")
+            if len(set(keys)) > counts[url]:
+                raise ValueError(f"the data position holds {len(set(keys))} pairs of shard {url}, which has "
+                                 f"{counts[url]}; resume with the shards the run was trained on")
+            counts[url] -= len(set(keys))
+        return counts
+
+    def _plan(self, epoch: int, exclude: dict[str, list[str]] | None = None) -> list[tuple[list[_Piece], int]]:
+        """This rank's (pieces of shards, batch quota) per worker in this epoch; quotas sum to num_batches."""
         order = list(self.shards)
         random.Random(_seed_of(self.seed, epoch)).shuffle(order)
+        if exclude is not None:
+            return self._remainder_plan(order, exclude)
         num_slots = self.world_size * self.num_slots_per_rank
         plan = [order[w * self.world_size + self.rank :: num_slots] for w in range(self.num_slots_per_rank)]
         quotas = [sum(s.num_pairs for s in shards) // self.batch_size for shards in plan]
@@ -422,13 +472,38 @@ class PairLoader:
         # Trim the fullest worker first, so the workers stay interleaved for as long as possible.
         for _ in range(sum(quotas) - self.batches_per_epoch):
             quotas[max(range(len(quotas)), key=lambda w: (quotas[w], w))] -= 1
-        return list(zip(plan, quotas))
+        return [([_Piece(s) for s in shards], quota) for shards, quota in zip(plan, quotas)]
 
-    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """The batches of this epoch from batch skip_batches on: exactly batches_per_epoch - skip_batches."""
-        if not 0 <= skip_batches <= self.batches_per_epoch:
-            raise ValueError(f"skip_batches {skip_batches} is outside [0, {self.batches_per_epoch}]")
-        plan = self._plan(epoch)
+    def _remainder_plan(self, order: list[ShardInfo], exclude: dict[str, list[str]]) -> list[tuple[list[_Piece], int]]:
+        """The pairs outside `exclude` in shard order, cut into one contiguous run per slot: rank r
+        gets the r-th run of num_batches * batch_size pairs, split among its workers by their quotas."""
+        remaining = self._remaining(exclude)
+        excluded = {url: frozenset(keys) for url, keys in exclude.items()}
+        num_batches = self.num_batches(exclude)
+        quotas = [num_batches // self.num_slots_per_rank + (w < num_batches % self.num_slots_per_rank)
+                  for w in range(self.num_slots_per_rank)]
+        plan, lo = [], self.rank * num_batches * self.batch_size
+        for quota in quotas:
+            hi = lo + quota * self.batch_size
+            pieces, offset = [], 0  # offset: position of the shard's first remaining pair in the epoch's order
+            for shard in order:
+                start, stop = max(lo - offset, 0), min(hi - offset, remaining[shard.url])
+                if start < stop:
+                    pieces.append(_Piece(shard, excluded.get(shard.url, frozenset()), start, stop))
+                offset += remaining[shard.url]
+            plan.append((pieces, quota))
+            lo = hi
+        return plan
+
+    def epoch(self, epoch: int, skip_batches: int = 0, exclude: dict[str, list[str]] | None = None) -> Iterator[dict]:
+        """The batches of this epoch from batch skip_batches on: exactly num_batches(exclude) - skip_batches.
+
+        exclude ({shard url: keys}) plans the epoch without those pairs; see the class docstring.
+        """
+        num_batches = self.num_batches(exclude)
+        if not 0 <= skip_batches <= num_batches:
+            raise ValueError(f"skip_batches {skip_batches} is outside [0, {num_batches}]")
+        plan = self._plan(epoch, exclude)
         skips, next_worker = _round_robin_resume([quota for _, quota in plan], skip_batches)
         slots = [(shards, quota, skip) for (shards, quota), skip in zip(plan, skips)]
         dataset = _EpochPairs(self, epoch, slots[next_worker:] + slots[:next_worker], first_slot=next_worker)
@@ -438,13 +513,13 @@ class PairLoader:
         for batch in loader:
             num_yielded += 1
             yield batch
-        assert num_yielded == self.batches_per_epoch - skip_batches, (num_yielded, self.batches_per_epoch, skip_batches)
+        assert num_yielded == num_batches - skip_batches, (num_yielded, num_batches, skip_batches)
 
 
 class _EpochPairs(IterableDataset):
     """One epoch of one rank; each DataLoader worker streams its own slot of the plan."""
 
-    def __init__(self, loader: PairLoader, epoch: int, plan: list[tuple[list[ShardInfo], int, int]], first_slot: int):
+    def __init__(self, loader: PairLoader, epoch: int, plan: list[tuple[list[_Piece], int, int]], first_slot: int):
         # plan is rotated: DataLoader worker i serves slot (first_slot + i); the slot seeds the shuffle.
         self.cfg, self.epoch, self.plan, self.first_slot = loader, epoch, plan, first_slot
         self.num_bad = 0  # since the previous batch; per worker, since each worker has its own copy
@@ -452,13 +527,13 @@ class _EpochPairs(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        shards, quota, num_skip = self.plan[worker]
+        pieces, quota, num_skip = self.plan[worker]
         slot = (self.first_slot + worker) % len(self.plan)
-        return self._batches(slot, shards, quota, num_skip) if quota else iter(())
+        return self._batches(slot, pieces, quota, num_skip) if quota else iter(())
 
-    def _batches(self, slot: int, shards: list[ShardInfo], quota: int, num_skip: int) -> Iterator[dict]:
+    def _batches(self, slot: int, pieces: list[_Piece], quota: int, num_skip: int) -> Iterator[dict]:
         batch_size = self.cfg.batch_size
-        good = self._good_samples(shards, random.Random(_seed_of(self.cfg.seed, self.epoch, self.cfg.rank, slot)))
+        good = self._good_samples(pieces, random.Random(_seed_of(self.cfg.seed, self.epoch, self.cfg.rank, slot)))
         earliest: list[dict] = []  # repeated, in order, when bad samples leave the quota short
         num_padded_total = 0
         for batch_index in range(quota):
@@ -467,7 +542,7 @@ class _EpochPairs(IterableDataset):
                 sample = next(good, None)
                 if sample is None:
                     if not earliest:
-                        urls = ", ".join(s.url for s in shards)
+                        urls = ", ".join(p.shard.url for p in pieces)
                         raise RuntimeError(f"rank {self.cfg.rank} worker {slot} found no good pair in epoch "
                                            f"{self.epoch} in shards {urls}; see the warnings from dpo_ds.data")
                     sample = earliest[num_padded_total % len(earliest)]
@@ -480,10 +555,10 @@ class _EpochPairs(IterableDataset):
                 yield self._collate(samples, num_padded)
         good.close()  # stops a pipe: command still streaming surplus pairs
 
-    def _good_samples(self, shards: list[ShardInfo], rng: random.Random) -> Iterator[dict]:
+    def _good_samples(self, pieces: list[_Piece], rng: random.Random) -> Iterator[dict]:
         """Decoded good samples in shuffled order; bad ones are logged and counted in self.num_bad."""
         shapes = None
-        for key, members, url in _shuffled(self._raw_samples(shards), self.cfg.shuffle_buffer, rng):
+        for key, members, url in _shuffled(self._raw_samples(pieces), self.cfg.shuffle_buffer, rng):
             try:
                 sample = decode_sample(key, members, self.cfg.schema)
                 sample_shapes = {name: t.shape for name, t in sample["tensors"].items()}
@@ -495,21 +570,30 @@ class _EpochPairs(IterableDataset):
                 self.num_bad += 1
                 continue
             shapes = sample_shapes
-            yield sample
+            yield {**sample, "url": url}
 
-    def _raw_samples(self, shards: list[ShardInfo]) -> Iterator[tuple[str, dict[str, bytes], str]]:
-        for shard in shards:
-            num_read = 0
+    def _raw_samples(self, pieces: list[_Piece]) -> Iterator[tuple[str, dict[str, bytes], str]]:
+        for piece in pieces:
+            shard, num_read, position = piece.shard, 0, 0
+            samples = _tar_samples(shard.url)
             try:
-                for key, members in _tar_samples(shard.url):
-                    num_read += 1
-                    yield key, members, shard.url
+                for key, members in samples:
+                    if key in piece.excluded:
+                        continue
+                    position += 1
+                    if position > piece.start:
+                        num_read += 1
+                        yield key, members, shard.url
+                    if piece.stop is not None and num_read == piece.num_pairs:
+                        break
             except _SHARD_ERRORS as e:
                 log.warning("shard %s unreadable after %d pairs: %s: %s", shard.url, num_read, type(e).__name__, e)
-            if num_read < shard.num_pairs:
+            finally:
+                samples.close()  # a piece that ends before the shard does stops reading there
+            if num_read < piece.num_pairs:
                 log.warning("shard %s gave %d of its %d pairs; counting the rest as bad",
-                            shard.url, num_read, shard.num_pairs)
-                self.num_bad += shard.num_pairs - num_read
+                            shard.url, num_read, piece.num_pairs)
+                self.num_bad += piece.num_pairs - num_read
 
     def _collate(self, samples: list[dict], num_padded: int) -> dict:
         cfg = self.cfg
@@ -518,6 +602,7 @@ class _EpochPairs(IterableDataset):
                             cfg.num_train_timesteps, cfg.timestep_range) for s in samples]
         batch = {
             "keys": [s["key"] for s in samples],
+            "shard_urls": [s["url"] for s in samples],
             "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
             "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
             "noise": torch.stack([n for _, n in draws]),

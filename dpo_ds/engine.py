@@ -7,7 +7,11 @@ offloaded), and a handful of collective helpers.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import glob
+import json
+import logging
 import math
 import os
 import random
@@ -20,11 +24,15 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint import ds_to_universal
 
 from dpo_ds.config import OptimConfig
 
+log = logging.getLogger("dpo_ds")
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal, loadable on any world size
 
 
 # ---------------------------------------------------------------- processes
@@ -220,14 +228,17 @@ class Policy:
 
     # ------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, keep_last: int) -> None:
+    def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, keep_last: int, rank_state: dict) -> None:
         """Write a checkpoint on every rank; only then move `latest` to it and prune old ones.
 
         `latest` is written last, by rank 0, after a barrier and atomically, so a
-        checkpoint cut off mid-write is never the one a resume picks.
+        checkpoint cut off mid-write is never the one a resume picks. rank_state is this
+        rank's own JSON state (read back with read_rank_state), kept out of DeepSpeed's files
+        because a resume on another world size must read every old rank's.
         """
         client_state = {**client_state, "rng": _rng_state()}
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        Path(ckpt_dir, tag, f"rank_state_{rank():05d}.json").write_text(json.dumps(rank_state))
         barrier()
         if rank() == 0:
             Path(ckpt_dir, tag, COMPLETE).write_text("")
@@ -238,8 +249,31 @@ class Policy:
         barrier()
 
     def load_checkpoint(self, ckpt_dir: str, tag: str) -> dict:
-        """Restore model, optimizer, scheduler and RNG state; return the client state."""
-        load_path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        """Restore model, optimizer, scheduler and RNG state; return the client state.
+
+        A checkpoint written by another number of processes goes through DeepSpeed's universal
+        checkpoint: rank 0 converts it once into <tag>/universal (fp32 weights and Adam's moments
+        per parameter, unpartitioned), then every rank loads its new partition from there. Every
+        rank then gets rank 0's client state; RNG states are identical on all ranks anyway
+        (Trainer seeds every rank alike), so restoring rank 0's on all is what a fresh run has.
+        """
+        num_saved_ranks = checkpoint_world_size(ckpt_dir, tag)
+        if num_saved_ranks == world_size():
+            load_path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        else:
+            universal = Path(ckpt_dir, tag, UNIVERSAL)
+            if rank() == 0 and not universal.is_dir():
+                log.info("checkpoint %s/%s was written by %d processes, this run has %d: converting it to "
+                         "DeepSpeed's universal format in %s", ckpt_dir, tag, num_saved_ranks, world_size(), universal)
+                _to_universal(Path(ckpt_dir, tag), universal)
+            barrier()
+            # DeepSpeed's `checkpoint.load_universal` switch, flipped for this load only: the engine is
+            # built before the trainer knows what it resumes, and the same world size keeps the exact path.
+            self.engine._config.load_universal_checkpoint = True
+            try:
+                load_path, client_state = self.engine.load_checkpoint(str(Path(ckpt_dir, tag)), tag=UNIVERSAL)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise ValueError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
         _set_rng_state(client_state.pop("rng"))
@@ -275,6 +309,35 @@ def build_reference(model: torch.nn.Module, policy_ds_config: dict, offload: str
     return engine
 
 
+def checkpoint_world_size(ckpt_dir: str, tag: str) -> int:
+    """Processes that wrote the checkpoint: one ZeRO optimizer partition each (ZeRO-2 and -3)."""
+    pattern = "*zero_pp_rank_*_optim_states.pt"
+    num_ranks = len(glob.glob(os.path.join(glob.escape(os.path.join(ckpt_dir, tag)), pattern)))
+    if num_ranks == 0:
+        raise ValueError(f"checkpoint {ckpt_dir}/{tag} holds no ZeRO optimizer states ({pattern})")
+    return num_ranks
+
+
+def read_rank_state(ckpt_dir: str, tag: str, saved_rank: int) -> dict | None:
+    """The rank_state that rank `saved_rank` wrote with the checkpoint (Policy.save_checkpoint);
+    None for a checkpoint written before rank states were."""
+    path = Path(ckpt_dir, tag, f"rank_state_{saved_rank:05d}.json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal, into a temporary folder renamed at the end: a conversion cut off
+    midway is redone, never loaded."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    num_workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(checkpoint), output_folder=str(tmp), num_extract_workers=num_workers,
+        num_merge_workers=num_workers, keep_temp_folder=False, no_strict=False, inject_missing_state=False))
+    os.replace(tmp, out)
+    Path(checkpoint, "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to tmp
+
+
 def find_resume_tag(ckpt_dir: str, resume: str) -> str | None:
     """The checkpoint tag to resume from: `none` -> None; `auto` -> the newest complete one, if any."""
     if resume == "none":
@@ -289,6 +352,18 @@ def find_resume_tag(ckpt_dir: str, resume: str) -> str | None:
     if not Path(ckpt_dir, tag, COMPLETE).is_file():
         raise ValueError(f"checkpoint.resume: {ckpt_dir}/{tag} is not a complete checkpoint")
     return tag
+
+
+def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights, on CPU, merged from the shards of checkpoint `ckpt_dir/tag`.
+
+    Works for ZeRO-2 and ZeRO-3 checkpoints of any world size, in one process and
+    without a process group: the fp32 master copy is read from every rank's
+    optimizer-state file, so a bf16 run exports its full-precision weights.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from dpo_ds import engine, models
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, list_shards
-from dpo_ds.losses import diffusion_dpo_loss
+from dpo_ds.losses import TIMESTEP_BUCKETS, bucket_sums, preference_loss, sft_loss
 from dpo_ds.metrics import Metrics
 from dpo_ds.models import noisy_pair, pair_errors
 from dpo_ds.noise import NoiseSchedule
@@ -26,9 +26,11 @@ from dpo_ds.reference import CachedReference, LiveReference, folder_weights_hash
 log = logging.getLogger("dpo_ds")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Diagnostics averaged over micro-batches and ranks, logged as train/<name>.
+# Diagnostics averaged over micro-batches and ranks, logged as train/<name> (val/<name>).
 DIAGNOSTICS = ("loss", "implicit_acc", "reward_margin", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l",
                "gap_w", "gap_l", "saturation")
+SFT_DIAGNOSTICS = ("loss", "model_err_w", "model_err_l")
+VAL_SCALARS = ("loss", "implicit_acc", "gap_w", "gap_l")
 # Don't judge the bad-sample fraction on the first handful of pairs read.
 MIN_PAIRS_FOR_BAD_FRACTION = 1000
 
@@ -40,8 +42,10 @@ class TrainState:
     samples_seen: int = 0        # pairs trained on, all ranks
     epoch: int = 0               # data position: epoch ...
     batch_in_epoch: int = 0      # ... and micro-batches of it consumed on each rank
+    epoch_num_batches: int = 0   # micro-batches per rank in this epoch's plan (fewer after a world-size change)
+    world_size: int = 1          # processes of the run that wrote this state
     num_nonfinite: int = 0       # micro-batches skipped for a non-finite loss
-    pairs_read: int = 0          # all ranks, good and bad
+    pairs_read: int = 0          # this rank's, good and bad (summed over ranks when judged)
     pairs_bad: int = 0
 
 
@@ -70,21 +74,24 @@ class Trainer:
             models.load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config),
             cfg.model.prediction_type)
         shards = list_shards(cfg.data.shards)
-        self.has_cache = cfg.reference.mode == "cache"
+        self.is_sft = cfg.loss.type == "sft"
+        self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
         self.has_warned_cycling = False
         self.drift_reference: LiveReference | None = None
         self.cache_drift: float | None = None  # ref/cache_drift of the last drift check, until it is logged
         self.is_drift_check_due = False
         if self.has_cache:
             # The reference model is never built from a cache; only its weights are hashed, to check the cache.
-            ref_hash = (folder_weights_hash(self.spec, cfg.reference.pretrained_path)
-                        if cfg.reference.pretrained_path is not None else weights_hash(unet.state_dict()))
-            expected = fingerprint(cfg, shards, ref_hash, num_draws=0, dtype=dtype)  # K is the cache's to say
+            self.ref_hash = (folder_weights_hash(self.spec, cfg.reference.pretrained_path)
+                             if cfg.reference.pretrained_path is not None else weights_hash(unet.state_dict()))
+            expected = fingerprint(cfg, shards, self.ref_hash, num_draws=0, dtype=dtype)  # K is the cache's to say
             self.reference = CachedReference.load(cfg, expected, self.schedule.num_train_timesteps)
             if cfg.reference.drift_check_every:
                 self.drift_reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
             elif engine.rank() == 0:
                 log.info("reference: the reference model is not built (reference.mode=cache, no drift check)")
+        elif self.is_sft:
+            self.reference = None  # the plain diffusion objective needs no reference
         else:
             self.reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
         if cfg.model.gradient_checkpointing:
@@ -100,23 +107,51 @@ class Trainer:
             num_draws=self.reference.num_draws if self.has_cache else None)
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
+        self.gap_w_positive_since: int | None = None
+        if cfg.data.val_every:
+            self._build_validation(dtype)
+
+    def _build_validation(self, dtype: str) -> None:
+        """Held-out pairs at a fixed draw, and where their reference errors come from."""
+        cfg = self.cfg
+        val_shards = list_shards(cfg.data.val_shards)
+        self.val_loader = PairLoader(
+            val_shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(), world_size=engine.world_size(),
+            seed=cfg.seed, num_workers=0, shuffle_buffer=1, schema=self.loader.schema,
+            num_train_timesteps=self.schedule.num_train_timesteps, timestep_range=cfg.data.timestep_range,
+            num_draws=1)
+        self.val_reference = self.reference
+        if self.has_cache:
+            val_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(
+                update={"cache_dir": cfg.reference.val_cache_dir})})
+            expected = fingerprint(val_cfg, val_shards, self.ref_hash, num_draws=0, dtype=dtype)
+            self.val_reference = CachedReference.load(val_cfg, expected, self.schedule.num_train_timesteps)
 
     # ------------------------------------------------------------ the step
 
-    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """DPO loss of one micro-batch: policy and reference at the same noisy inputs."""
+    def forward_loss(self, batch: dict, reference=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective of one micro-batch: policy and reference at the same noisy inputs."""
         x_t, target, t = noisy_pair(batch, self.schedule)
         model_err_w, model_err_l = pair_errors(self.spec, self.policy, batch, x_t, target, t, self.dtype)
-        ref_err_w, ref_err_l = self.reference.errors(batch, x_t, target, t)
+        if self.is_sft:
+            loss = sft_loss(model_err_w, model_err_l)
+            return loss, {"loss": loss.detach(), "model_err_w": model_err_w.detach().mean(),
+                          "model_err_l": model_err_l.detach().mean()}
+        ref_err_w, ref_err_l = (reference or self.reference).errors(batch, x_t, target, t)
         if self.is_drift_check_due:
             self.is_drift_check_due = False
             self.cache_drift = self._cache_drift(batch, x_t, target, t, ref_err_w, ref_err_l)
-        loss, diag = diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=self.cfg.dpo.beta)
-        return loss, {"loss": loss.detach(), **diag}
+        lc = self.cfg.loss
+        loss, diag = preference_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, kind=lc.type,
+                                     beta=self.cfg.dpo.beta, loser_weight=lc.loser_weight, sft_weight=lc.sft_weight,
+                                     winner_hinge=lc.winner_hinge, ipo_margin=lc.ipo_margin)
+        buckets = bucket_sums(model_err_w, model_err_l, ref_err_w, ref_err_l, batch["timesteps"],
+                              self.schedule.num_train_timesteps)
+        return loss, {"loss": loss.detach(), **diag, "buckets": buckets}
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         """One optimizer step over train.grad_accum micro-batches; returns summed diagnostics."""
-        sums = {name: torch.zeros((), device=self.device) for name in DIAGNOSTICS}
+        sums: dict[str, torch.Tensor] = {}
         num_good = 0
         every = self.cfg.reference.drift_check_every
         # Decided from the step alone, so every rank runs the (collective, ZeRO-3) live reference together.
@@ -132,8 +167,8 @@ class Trainer:
             self.policy.step()
             num_good += 1
             self.nonfinite_in_row = 0
-            for name in DIAGNOSTICS:
-                sums[name] += diag[name]
+            for name, value in diag.items():
+                sums[name] = sums[name] + value if name in sums else value
         sums["count"] = torch.tensor(float(num_good), device=self.device)
         return sums
 
@@ -160,9 +195,13 @@ class Trainer:
                 window.add(sums, time.perf_counter() - t0, self.data_wait)
                 self.data_wait = 0.0
                 if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
-                    metrics.scalars(state.step, self._reduce(window))
+                    scalars = self._reduce(window)
+                    metrics.scalars(state.step, scalars)
+                    self._watch_gap_w(metrics, scalars)
                     self._check_bad_fraction()
                     window = _Window()
+                if cfg.data.val_every and (state.step % cfg.data.val_every == 0 or state.step == cfg.train.max_steps):
+                    metrics.scalars(state.step, self.validate())
                 metrics.advance()
                 # Agreed over ranks, so every rank stops after the same step (a signal may reach one only).
                 is_stopping = stop is not None and engine.any_rank(stop.is_set())
@@ -177,7 +216,7 @@ class Trainer:
         return state
 
     def _batches(self):
-        """Micro-batches from the saved data position on, epoch after epoch."""
+        """Micro-batches from the saved data position on, epoch after epoch; their keys go to self.consumed."""
         state = self.state
         while True:
             if self.has_cache and state.epoch >= self.reference.num_draws and not self.has_warned_cycling:
@@ -186,10 +225,14 @@ class Trainer:
                     log.warning("reference cache %s holds %d draws per pair; from epoch %d on, draws are reused "
                                 "cyclically (draw index = epoch mod %d)", self.cfg.reference.cache_dir,
                                 self.reference.num_draws, state.epoch, self.reference.num_draws)
-            for batch in self.loader.epoch(state.epoch, skip_batches=state.batch_in_epoch):
+            state.epoch_num_batches = self.loader.num_batches(self.excluded)
+            for batch in self.loader.epoch(state.epoch, skip_batches=state.batch_in_epoch, exclude=self.excluded):
+                for url, key in zip(batch["shard_urls"], batch["keys"]):
+                    self.consumed.setdefault(url, []).append(key)
                 yield batch
             state.epoch += 1
             state.batch_in_epoch = 0
+            self.consumed, self.excluded = {}, None
 
     def _next_batch(self, batches) -> dict:
         t0 = time.perf_counter()
@@ -212,12 +255,22 @@ class Trainer:
                 f"{self.nonfinite_in_row} micro-batches in a row had a non-finite loss (train.max_nonfinite_in_row); "
                 "lower optim.lr or dpo.beta, or check the data with tools/inspect_shards.py")
 
-    def _reduce(self, window: "_Window") -> dict[str, float]:
-        """Means over the logging window, over micro-batches and ranks."""
-        sums = torch.stack([window.sums[n] for n in DIAGNOSTICS] + [window.sums["count"]])
-        sums = engine.all_reduce_sum(sums.to(self.device, torch.float64))
-        count = sums[-1].item()
-        out = {f"train/{name}": sums[i].item() / count for i, name in enumerate(DIAGNOSTICS)}
+    def _reduce(self, window: "_Window", prefix: str = "train") -> dict[str, float]:
+        """Means over the logging window, over micro-batches and ranks (one all-reduce)."""
+        names = sorted(n for n in window.sums if n not in ("count", "buckets"))
+        flat = [window.sums[n].reshape(1) for n in names] + [window.sums["count"].reshape(1)]
+        if "buckets" in window.sums:
+            flat.append(window.sums["buckets"].reshape(-1))
+        sums = engine.all_reduce_sum(torch.cat([x.to(self.device, torch.float64) for x in flat]))
+        count = sums[len(names)].item()
+        out = {f"{prefix}/{name}": sums[i].item() / count for i, name in enumerate(names)}
+        if "buckets" in window.sums:
+            for b, (pairs, correct, gap_w, gap_l) in zip(TIMESTEP_BUCKETS, sums[len(names) + 1:].view(-1, 4).tolist()):
+                if pairs:
+                    out.update({f"{prefix}/implicit_acc/{b}_noise": correct / pairs,
+                                f"{prefix}/gap_w/{b}_noise": gap_w / pairs, f"{prefix}/gap_l/{b}_noise": gap_l / pairs})
+        if prefix != "train":
+            return out
         pairs = count * self.cfg.train.micro_batch_size
         out.update({
             "train/grad_norm": self.policy.grad_norm(),
@@ -246,6 +299,41 @@ class Trainer:
         drift = torch.maximum((live_w - ref_err_w[idx]).abs().max(), (live_l - ref_err_l[idx]).abs().max())
         return engine.all_reduce_max(drift.reshape(1).to(torch.float64)).item()
 
+    def _watch_gap_w(self, metrics: Metrics, scalars: dict[str, float]) -> None:
+        """Warn once when e_w − r_w stayed above zero for logging.gap_w_window steps (DESIGN.md §1)."""
+        if "train/gap_w" not in scalars:
+            return
+        if scalars["train/gap_w"] <= 0:
+            self.gap_w_positive_since = None
+            return
+        if self.gap_w_positive_since is None:
+            self.gap_w_positive_since = self.state.step
+        if self.state.step - self.gap_w_positive_since + 1 == self.cfg.logging.gap_w_window:
+            metrics.text(self.state.step, "warnings/gap_w",
+                         f"train/gap_w (e_w - r_w) has been above zero for {self.cfg.logging.gap_w_window} steps: "
+                         "the policy is getting worse than the reference on the preferred images. Implicit "
+                         "accuracy and a falling loss can hide this; lower optim.lr, raise dpo.beta, or add "
+                         "loss.sft_weight / loss.winner_hinge.")
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """val/* on held-out pairs at draw index 0: no gradient, the same draws every time."""
+        window = _Window()
+        sums: dict[str, torch.Tensor] = {}
+        self.policy.engine.eval()
+        for i, batch in enumerate(self.val_loader.epoch(0)):
+            if i == self.cfg.data.val_max_batches:
+                break
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            _, diag = self.forward_loss(batch, reference=self.val_reference)
+            for name, value in diag.items():
+                sums[name] = sums[name] + value if name in sums else value
+            sums["count"] = sums.get("count", 0) + torch.tensor(1.0, device=self.device)
+        self.policy.train()
+        window.add(sums, 0.0, 0.0)
+        return {k: v for k, v in self._reduce(window, prefix="val").items()
+                if k.split("/")[1] in VAL_SCALARS and k.count("/") == 1}
+
     def _check_bad_fraction(self) -> None:
         counts = engine.all_reduce_sum(torch.tensor([float(self.state.pairs_read), float(self.state.pairs_bad)],
                                                     device=self.device))
@@ -258,24 +346,78 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self) -> None:
+        """A checkpoint of every rank; each also writes the pairs it consumed in this epoch (its data
+        position in keys, which a resume on another world size needs: batch counts do not transfer)."""
         tag = f"step_{self.state.step:08d}"
+        self.state.world_size = engine.world_size()
+        position = {"epoch": self.state.epoch, "consumed": self.consumed,
+                    "excluded": self.excluded if engine.rank() == 0 else None,
+                    "pairs_read": self.state.pairs_read, "pairs_bad": self.state.pairs_bad}
         self.policy.save_checkpoint(self.ckpt_dir, tag, {"train_state": asdict(self.state)},
-                                    self.cfg.checkpoint.keep_last)
+                                    self.cfg.checkpoint.keep_last, rank_state=position)
         if engine.rank() == 0:
             log.info("checkpoint %s/%s written", self.ckpt_dir, tag)
 
     def _maybe_resume(self) -> None:
+        """Restore the newest checkpoint, if resuming. On the world size that wrote it, the data
+        position is (epoch, batch_in_epoch), exactly. On another, the epoch goes on with a plan
+        that leaves out every pair the old ranks consumed in it, dealt afresh to the new ranks."""
+        # This rank's pairs of the current epoch by shard url, and the pairs its plan leaves out
+        # (None: the loader's own plan); rank_state beside every checkpoint.
+        self.consumed: dict[str, list[str]] = {}
+        self.excluded: dict[str, list[str]] | None = None
         tag = engine.find_resume_tag(self.ckpt_dir, self.cfg.checkpoint.resume)
         if tag is None:
             return
+        # Read from the files, as the engine does to choose how to load; TrainState.world_size is a record.
+        rank, world_size = engine.rank(), engine.world_size()
+        saved_world_size = engine.checkpoint_world_size(self.ckpt_dir, tag)
+        positions = [engine.read_rank_state(self.ckpt_dir, tag, r) for r in
+                     ([rank, 0] if saved_world_size == world_size else range(saved_world_size))]
+        if saved_world_size != world_size and None in positions:
+            raise ValueError(f"checkpoint {self.ckpt_dir}/{tag} was written before dpo_ds recorded which pairs each "
+                             f"rank trained; resume it on {saved_world_size} processes, as it was written")
+        if saved_world_size != world_size and self.cfg.optim.name == "adafactor":
+            raise ValueError(f"checkpoint {self.ckpt_dir}/{tag} was written by {saved_world_size} processes; "
+                             "DeepSpeed's universal checkpoint carries Adam's state, not Adafactor's: resume it on "
+                             "as many")
         client = self.policy.load_checkpoint(self.ckpt_dir, tag)
-        self.state = TrainState(**client["train_state"])
-        if self.state.batch_in_epoch >= self.loader.batches_per_epoch:
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
-        if engine.rank() == 0:
+        state = self.state = TrainState(**client["train_state"])
+        if saved_world_size == world_size:
+            if positions[0] is not None:
+                self.consumed, self.excluded = positions[0]["consumed"], positions[1]["excluded"]
+            elif rank == 0:
+                log.warning("checkpoint %s/%s records no pairs per rank (an older dpo_ds): this epoch's pairs before "
+                            "it would be trained again by a resume on another number of processes", self.ckpt_dir, tag)
+        else:
+            assert all(p["epoch"] == state.epoch for p in positions), (state, [p["epoch"] for p in positions])
+            state.pairs_read = sum(p["pairs_read"] for p in positions) if rank == 0 else 0
+            state.pairs_bad = sum(p["pairs_bad"] for p in positions) if rank == 0 else 0
+            if state.batch_in_epoch < state.epoch_num_batches:
+                excluded: dict[str, set[str]] = {}
+                for keys_by_url in [positions[0]["excluded"] or {}] + [p["consumed"] for p in positions]:
+                    for url, keys in keys_by_url.items():
+                        excluded.setdefault(url, set()).update(keys)
+                self.excluded = {url: sorted(keys) for url, keys in excluded.items()}
+                if rank == 0:
+                    log.info("world size %d -> %d: epoch %d goes on without the %d pairs trained in it so far: %d "
+                             "micro-batches per rank, %d pairs left over", saved_world_size, world_size, state.epoch,
+                             sum(len(k) for k in excluded.values()), self.loader.num_batches(self.excluded),
+                             self.loader.num_left_over(self.excluded))
+            else:
+                state.epoch += 1  # the old ranks finished the epoch; its leftover stays left over
+                if rank == 0:
+                    log.info("world size %d -> %d at the end of an epoch: epoch %d starts afresh",
+                             saved_world_size, world_size, state.epoch)
+            state.batch_in_epoch = 0
+            state.world_size = world_size
+        if state.batch_in_epoch >= self.loader.num_batches(self.excluded):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            self.consumed, self.excluded = {}, None
+        if rank == 0:
             log.info("resumed from %s/%s at step %d (epoch %d, batch %d)", self.ckpt_dir, tag,
-                     self.state.step, self.state.epoch, self.state.batch_in_epoch)
+                     state.step, state.epoch, state.batch_in_epoch)
 
     def export(self) -> Path:
         """The trained denoiser as a diffusers folder under output_dir/export/."""

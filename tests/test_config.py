@@ -109,3 +109,11 @@ def test_cli_fails_before_process_group(case, expected, tiny, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dpo_ds.train: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
     assert "init_distributed" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_exponent_floats_without_a_dot(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: o\nmodel: {pretrained_path: m}\ndata: {shards: s}\ntrain: {max_steps: 5}\n"
+                    "optim: {lr: 1e-5}\n")
+    assert load_config(str(path)).optim.lr == 1e-5
+    assert load_config(str(path), ["--optim.lr=2e-3", "--dpo.beta=5e3"]).dpo.beta == 5000.0

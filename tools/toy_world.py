@@ -1,0 +1,176 @@
+"""A toy world where alignment can be measured: two modes, an oracle, a sampler.
+
+Latents are 4x8x8 (a 64-pixel image, SDXL's latent layout). Every latent is one
+of two fixed sign patterns, A or B (amplitude 0.8), plus Gaussian noise (0.3).
+The oracle reads which pattern a latent is closer to. A preference pair holds
+one latent of each mode with the same conditioning; `--prefer A` makes A the
+winner. A model trained on both images of every pair (loss.type=sft) samples A
+about half the time; Diffusion-DPO on the pairs should move that rate toward
+the preferred mode, and the evaluation here measures whether it does.
+
+  python tools/toy_world.py data --out DIR [--num-pairs N] [--prefer A|B] [--seed S]
+      writes DIR/shards/ (DESIGN.md §4 format) and DIR/model/ (a fresh tiny UNet + a DDPM scheduler)
+  python tools/toy_world.py eval --reference MODEL_DIR --policy UNET_DIR [--num-samples N] [--json OUT]
+      samples both (DDIM, fixed seeds, same initial noise) and reports the rate of mode A with a
+      bootstrap 95% interval of the policy-minus-reference difference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from dpo_ds.data import ShardWriter
+from dpo_ds.models import sdxl
+
+PATTERN_SEED = 20240601
+AMPLITUDE, SPREAD = 0.8, 0.3
+LATENT_SHAPE = (4, 8, 8)
+RESOLUTION = 64
+# DDPM's linear schedule: the toy's latents are unit-scale, like a VAE's scaled latents.
+TOY_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                        "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon",
+                        "clip_sample": False}
+
+
+def patterns() -> tuple[torch.Tensor, torch.Tensor]:
+    """The two modes' centres, [4 x 8 x 8] each; fixed forever."""
+    g = torch.Generator().manual_seed(PATTERN_SEED)
+    return (AMPLITUDE * torch.randn(LATENT_SHAPE, generator=g).sign(),
+            AMPLITUDE * torch.randn(LATENT_SHAPE, generator=g).sign())
+
+
+def is_mode_a(latents_NCHW: torch.Tensor) -> torch.Tensor:
+    """The oracle: [N] bool, True where a latent is closer to pattern A than to B."""
+    a, b = patterns()
+    x = latents_NCHW.float()
+    return (x - a).pow(2).flatten(1).sum(1) < (x - b).pow(2).flatten(1).sum(1)
+
+
+def conditioning() -> dict[str, torch.Tensor]:
+    """One fixed 'prompt' for every pair: the toy's preference is about the image alone."""
+    g = torch.Generator().manual_seed(PATTERN_SEED + 1)
+    return {"prompt_embeds": 0.1 * torch.randn(sdxl.TEXT_SEQ_LEN, 64, generator=g),
+            "pooled_prompt_embeds": torch.zeros(32),
+            "time_ids": torch.tensor([RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION], dtype=torch.float32)}
+
+
+def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_shard: int = 64) -> None:
+    """Preference shards (winner from the preferred mode) and a fresh tiny model to start from."""
+    if prefer not in ("A", "B"):
+        raise ValueError(f"--prefer must be A or B, got {prefer!r}")
+    a, b = patterns()
+    win, lose = (a, b) if prefer == "A" else (b, a)
+    cond = conditioning()
+    g = torch.Generator().manual_seed(seed)
+    with ShardWriter(os.path.join(out, "shards"), max_pairs=pairs_per_shard) as writer:
+        for i in range(num_pairs):
+            tensors = {"latents_w": (win + SPREAD * torch.randn(LATENT_SHAPE, generator=g)).half(),
+                       "latents_l": (lose + SPREAD * torch.randn(LATENT_SHAPE, generator=g)).half(),
+                       "prompt_embeds": cond["prompt_embeds"].half(),
+                       "pooled_prompt_embeds": cond["pooled_prompt_embeds"].half(),
+                       "time_ids_w": cond["time_ids"], "time_ids_l": cond["time_ids"]}
+            meta = {"caption": "toy", "family": "sdxl", "latent_layout": "CHW", "scaling_factor": 1.0,
+                    "shift_factor": None, "label": 1.0, "source": {"tool": "toy_world", "prefer": prefer,
+                                                                    "seed": seed, "index": i}}
+            writer.write(f"toy{seed}_{i:07d}", meta, tensors)
+    write_model(os.path.join(out, "model"), seed)
+
+
+def write_model(out: str, seed: int, unet=None) -> str:
+    """A diffusers folder: unet/ (given, or freshly initialised) and the toy's scheduler/."""
+    from diffusers import UNet2DConditionModel
+
+    if unet is None:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(sdxl.TINY_UNET_CONFIG)
+    unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(TOY_SCHEDULER_CONFIG, f, indent=2)
+    return out
+
+
+@torch.no_grad()
+def generate(unet, *, num_samples: int, num_steps: int = 25, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) samples [N x 4 x 8 x 8] from fixed initial noise."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config({**TOY_SCHEDULER_CONFIG, "set_alpha_to_one": False, "steps_offset": 1})
+    cond = conditioning()
+    g = torch.Generator().manual_seed(seed)
+    x_all = torch.randn(num_samples, *LATENT_SHAPE, generator=g)
+    out = []
+    for x in x_all.split(batch_size):
+        n = len(x)
+        kwargs = {"encoder_hidden_states": cond["prompt_embeds"].expand(n, -1, -1),
+                  "added_cond_kwargs": {"text_embeds": cond["pooled_prompt_embeds"].expand(n, -1),
+                                        "time_ids": cond["time_ids"].expand(n, -1)}}
+        scheduler.set_timesteps(num_steps)
+        for t in scheduler.timesteps:
+            eps = unet(x, t.expand(n), **kwargs).sample
+            x = scheduler.step(eps, t, x).prev_sample
+        out.append(x)
+    return torch.cat(out)
+
+
+def bootstrap_difference(policy: torch.Tensor, reference: torch.Tensor, *, num_boot: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Rate difference (policy − reference) of two [N] bool tensors and its bootstrap 95% interval.
+
+    The two share their initial noise sample by sample, so samples are resampled as pairs.
+    """
+    diff = policy.float() - reference.float()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(diff), (num_boot, len(diff)), generator=g)
+    boots = diff[idx].mean(1).sort().values
+    return diff.mean().item(), boots[int(0.025 * num_boot)].item(), boots[int(0.975 * num_boot) - 1].item()
+
+
+def evaluate(reference_unet_dir: str, policy_unet_dir: str, *, num_samples: int = 512, seed: int = 0) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    rates = {}
+    for name, folder in (("reference", reference_unet_dir), ("policy", policy_unet_dir)):
+        unet = UNet2DConditionModel.from_pretrained(folder).eval()
+        rates[name] = is_mode_a(generate(unet, num_samples=num_samples, seed=seed))
+    diff, lo, hi = bootstrap_difference(rates["policy"], rates["reference"])
+    return {"num_samples": num_samples, "reference_rate_a": rates["reference"].float().mean().item(),
+            "policy_rate_a": rates["policy"].float().mean().item(), "difference": diff, "ci95": [lo, hi]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("--out", required=True)
+    d.add_argument("--num-pairs", type=int, default=2048)
+    d.add_argument("--pairs-per-shard", type=int, default=64)
+    d.add_argument("--prefer", default="A")
+    d.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval")
+    e.add_argument("--reference", required=True, help="the reference's unet folder")
+    e.add_argument("--policy", required=True, help="the policy's unet folder (e.g. OUTPUT_DIR/export/unet)")
+    e.add_argument("--num-samples", type=int, default=512)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    if args.command == "data":
+        write_data(args.out, num_pairs=args.num_pairs, prefer=args.prefer, seed=args.seed,
+                   pairs_per_shard=args.pairs_per_shard)
+        print(f"wrote {args.num_pairs} pairs preferring mode {args.prefer} to {args.out}/shards")
+        return 0
+    result = evaluate(args.reference, args.policy, num_samples=args.num_samples, seed=args.seed)
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
