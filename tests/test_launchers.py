@@ -214,3 +214,22 @@ def test_no_ssh_launch_one_launcher_per_node(tiny, tmp_path):
     for p, out in zip(nodes, outs):
         assert p.returncode == 0, out[-6000:]
     assert_trained_on_two_ranks(tmp_path / "run", 2)
+
+
+def test_slurm_precompute_two_tasks(slurm, tiny, tmp_path):
+    """`sbatch launch/slurm/precompute_ref.sbatch` with 2 tasks: each rank writes its own shards' cache files."""
+    import json
+
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run",
+                           reference={"mode": "cache", "cache_dir": str(tmp_path / "cache")})
+    log = tmp_path / "job.out"
+    job = sbatch({**slurm, **LOOPBACK_ENV}, "--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
+                 "launch/slurm/precompute_ref.sbatch", str(cfg), "2", "--batch-size", "8")
+    state = wait_job(slurm, job, 240, log)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-6000:]
+    assert "2 tasks on" in text
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["fingerprint"]["num_draws"] == 2
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.ref.safetensors"))
+    assert files == [f"shard-{i:06d}.tar.ref.safetensors" for i in range(4)]
