@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta", type=float, default=500.0)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--num-samples", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="run seed: data order and every pair's draws")
     p.add_argument("--reference", help="a reference folder from an earlier demo run (skips the SFT step)")
     p.add_argument("overrides", nargs="*", help="extra --section.key=value for the DPO run, e.g. --loss.loser_weight=0")
     args, extra = p.parse_known_args(argv)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     data = out / f"toy_prefer_{args.prefer}"
     if not (data / "shards" / "index.json").is_file():
         toy_world.write_data(str(data), num_pairs=2048, prefer=args.prefer, seed=0)
-    base = {"seed": 0, "data": {"shards": str(data / "shards"), "resolution": 64, "num_workers": 1},
+    base = {"seed": args.seed, "data": {"shards": str(data / "shards"), "resolution": 64, "num_workers": 1},
             "model": {"gradient_checkpointing": False}, "train": {"micro_batch_size": 16},
             "checkpoint": {"keep_last": 100}, "logging": {"progress": False}}
     (out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     last = {name: curves[name][-1][1] for name in DPO_SCALARS}
     result = {"prefer": args.prefer, "reference_rate": ref_rate, "policy_rate": ref_rate + diff,
               "difference": diff, "ci95": [lo, hi], "num_samples": args.num_samples, "dpo_steps": args.dpo_steps,
-              "beta": args.beta, "lr": args.lr, "overrides": overrides, "final": last,
+              "beta": args.beta, "lr": args.lr, "seed": args.seed, "overrides": overrides, "final": last,
               "gap_w_warning": "train/gap_w (e_w - r_w) has been above zero" in (out / "logs" / "dpo.log").read_text(),
               "rate_curve": rate_curve, "seconds": round(time.time() - t_start, 1)}
     (report / "report.json").write_text(json.dumps(result, indent=2))
