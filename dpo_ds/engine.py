@@ -18,6 +18,7 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import deepspeed
@@ -66,10 +67,56 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    if not has_gpu():
+        clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     if has_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        _unlink_shm_workspace()
+
+
+STALE_BUILD_LOCK_S = 600  # the op compiles in under a minute; a lock this old belongs to a killed build
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm") -> bool:
+    """Remove torch's build lock of DeepSpeed's CPU communication op when its builder is long gone.
+
+    DeepSpeed compiles the op on first use, under a lock file in the torch extensions folder.
+    A build that was killed (preemption, OOM, a timeout) leaves the lock behind, and every later
+    run then waits on it forever without a word. Returns whether a stale lock was removed.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_BUILD_LOCK_S:
+        return False
+    log.warning("removing %s: a build lock %.0f s old, left by a compile that was killed", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
+def shm_workspace_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU backend puts a rank's shared-memory all-reduce workspace (see its shm.cpp)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove this rank's /dev/shm workspace name once every peer has mapped it.
+
+    When all ranks share a node, DeepSpeed's CPU backend creates a ~70 MB /dev/shm file per rank
+    and never unlinks it, so every run leaks RAM (tmpfs) until the machine runs out. The mappings
+    stay valid after the unlink; the memory is freed when the last process exits, kill -9 included.
+    Every rank has opened every peer's file before it returns from initialisation, hence the barrier.
+    """
+    dist.barrier()
+    shm_workspace_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def _env_from_slurm() -> None:

@@ -62,11 +62,49 @@ def write_run_config(path: Path, tiny: Path, output_dir: Path, **sections) -> Pa
 
 def deepspeed_train(config: Path, *overrides: str, nproc: int = 2, ds_config: str = "ds_configs/zero3.json",
                     timeout: float = 600) -> subprocess.CompletedProcess:
-    """Train through the real `deepspeed` launcher with `nproc` CPU processes."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    """Train through the real `deepspeed` launcher with `nproc` CPU processes.
+
+    Also checks that the run left no shared-memory workspace behind (engine.init_distributed
+    unlinks DeepSpeed's, which would otherwise leak ~70 MB of RAM per rank and run).
+    """
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
            str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / ds_config), "--config", str(config),
            *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory workspaces left behind: {leaked}"
+    return proc
+
+
+def _become_subreaper() -> None:
+    """Orphans of the tests' process trees (a launcher's ranks after a timeout killed the launcher)
+    become children of this process instead of init, so `_no_stray_processes` can end them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+_become_subreaper()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes():
+    """After every test, end whatever it started and left running: a hung rank must not eat the
+    CPU and memory of every later test."""
+    yield
+    import psutil
+
+    stray = psutil.Process().children(recursive=True)
+    for p in stray:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(stray, timeout=30)
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:

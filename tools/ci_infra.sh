@@ -139,9 +139,23 @@ EOF
     say "slurm: $(sinfo -h -o '%P %D %T %c' 2>&1 | head -1)"
 }
 
+# DeepSpeed's CPU backend leaves a ~70 MB /dev/shm workspace per rank and run (RAM, on tmpfs).
+# dpo_ds unlinks its own (engine.init_distributed); this removes those left by older runs or
+# other programs, unless a live process still maps them.
+clean_shm() {
+    local f n=0
+    for f in /dev/shm/deepspeed_allreduce_buffer_*; do
+        [[ -e $f ]] || continue
+        grep -qsF "$f" /proc/[0-9]*/maps && continue
+        rm -f "$f" && n=$((n + 1))
+    done
+    say "removed $n stale DeepSpeed shared-memory workspaces"
+}
+
 start() {
     [[ $(id -u) == 0 ]] || { say "must run as root (apt-get, sshd, munged)"; exit 1; }
     install_missing
+    clean_shm
     mkdir -p "$DIR"
     start_sshd
     start_munge
@@ -177,6 +191,7 @@ stop() {
     stop_pid munged "$DIR/munge/munged.pid"
     stop_pid sshd "$DIR/ssh/sshd.pid"
     rm -f "$DIR/infra.env"
+    clean_shm
 }
 
 status() {
