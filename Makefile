@@ -10,7 +10,7 @@ EXTRAS ?= dev,mpi,video
 NPROC ?= 2
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo demo-objectives test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ venv: $(VENV)/.installed
 
 demo: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo.py --output-dir $(DEMO_DIR) --nproc $(NPROC)
+
+# The demo plus every objective of tools/demo.py trained once per seed: the report's comparison table.
+demo-objectives: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo.py --output-dir $(DEMO_DIR) --nproc $(NPROC) \
+		--objectives all --seeds 0,1,2
 
 test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs tests

@@ -18,7 +18,7 @@ from conftest import REPO, env
 
 pytestmark = pytest.mark.slow
 
-FEWER_STEPS = ["--sft-steps", "200", "--dpo-steps", "80", "--checkpoint-every", "40", "--num-samples", "256"]
+FEWER_STEPS = ["--sft-steps", "300", "--dpo-steps", "80", "--checkpoint-every", "40", "--num-samples", "256"]
 
 
 def _demo(out: Path, *args: str) -> dict:
@@ -36,6 +36,8 @@ def preferring_a(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_policy_moves_toward_the_preferred_mode(preferring_a):
     _, result = preferring_a
+    # The evaluation means something only if the samples look like the data: nearly all near a mode.
+    assert result["on_manifold"]["reference"] >= 0.9 and result["on_manifold"]["policy"] >= 0.9, result
     assert result["difference"] >= 0.10, result
     assert result["ci95"][0] > 0, result
 
@@ -43,8 +45,8 @@ def test_policy_moves_toward_the_preferred_mode(preferring_a):
 def test_reversed_preferences_move_the_other_way(preferring_a, tmp_path):
     out_a, result_a = preferring_a
     result_b = _demo(tmp_path, "--prefer", "B", "--reference", str(out_a / "reference"))
-    # Same reference, same samples of it: its rate of B is one minus its rate of A.
-    assert result_b["reference_rate"] == pytest.approx(1 - result_a["reference_rate"])
+    # Same reference, same samples of it: its samples near a mode are either A or B.
+    assert result_b["reference_rate"] + result_a["reference_rate"] == pytest.approx(result_a["on_manifold"]["reference"])
     assert result_b["difference"] >= 0.10 and result_b["ci95"][0] > 0, result_b
 
 
@@ -54,7 +56,7 @@ def test_report_files_are_real_plots(preferring_a):
     out, result = preferring_a
     report = out / "report"
     assert "rate of mode A" in (report / "report.md").read_text()
-    for name in ("rates.png", "curves.png"):
+    for name in ("rates.png", "curves.png", "samples.png"):
         with Image.open(report / name) as im:
             im.load()
             assert im.size[0] > 300 and im.size[1] > 200

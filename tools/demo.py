@@ -5,12 +5,17 @@ The toy world of tools/toy_world.py, end to end through the real launcher:
   1. data        2048 pairs, mode A preferred over mode B (`--prefer`), and a fresh tiny UNet
   2. reference   that UNet trained on both images of every pair (loss.type=sft): it samples both modes
   3. cache       tools/precompute_ref.py: the reference's errors for every pair and draw, once
-  4. policy      Diffusion-DPO from the reference, reference.mode=cache (no reference model in memory)
+  4. policy      Diffusion-DPO from the reference, reference.mode=cache (no reference model in memory),
+                 by default with an SFT term on winners (`--objective`; the comparison below says why)
   5. evaluation  DDIM samples of reference and policy from the same initial noise, scored by the oracle
-  6. report      OUTPUT_DIR/report/{report.md, report.json, curves.png, rates.png}
+  6. report      OUTPUT_DIR/report/{report.md, report.json, curves.png, rates.png, samples.png}
 
 Steps 2-4 run as `deepspeed --num_gpus NPROC launch/train.py` (GPUs when present, else CPU processes).
 `--reference DIR` reuses a reference folder made by an earlier run and skips step 2.
+
+`--objectives all --seeds 0,1,2` (make demo-objectives) also trains every objective of OBJECTIVES
+below once per seed from the same reference, and adds the table of their effect on the sampled
+preferred-mode rate, with intervals over seeds, to the report (report/objectives.{md,json}).
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ sys.path.insert(0, str(REPO / "tools"))
 import toy_world  # noqa: E402  (a sibling script, not a package)
 
 DPO_SCALARS = ("train/loss", "train/implicit_acc", "train/reward_margin", "train/gap_w", "train/gap_l")
+GAP_W_WARNING = "train/gap_w (e_w - r_w) has been above zero"
+
+# The objectives the comparison trains: name -> (what it is, overrides of the DPO run).
+OBJECTIVES = {
+    "dpo": ("Diffusion-DPO, the paper's loss", []),
+    "dpo+sft": ("plus an SFT term on winners, weight 1", ["--loss.sft_weight=1"]),
+    "dpo+hinge": ("plus a hinge on e_w above r_w, weight 10", ["--loss.winner_hinge=10"]),
+    "dpo-loser0": ("no gradient through the loser's error", ["--loss.loser_weight=0"]),
+    "ipo": ("IPO-style bounded target, margin 5", ["--loss.type=ipo", "--loss.ipo_margin=5"]),
+}
+# Two-sided 95% Student t quantiles by degrees of freedom, for intervals over a handful of seeds.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def _free_port() -> int:
@@ -89,6 +106,167 @@ def _plots(report: Path, curves: dict, result: dict, rate_curve: list[tuple[int,
     plt.close(fig)
 
 
+def _latent_image(x):
+    """A 4x8x8 toy latent as a 64x64 RGB image: channels 0-2, the modes' +-0.8 mapped to 0-1."""
+    img = (x[:3].permute(1, 2, 0).float() / (4 * toy_world.AMPLITUDE) + 0.5).clamp(0, 1)
+    return img.repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
+
+
+def _sample_grid(path: Path, ref, pol, prefer: str, columns: int = 12) -> None:
+    """Reference and policy samples from the same initial noise, column by column, each framed by
+    the oracle's verdict (green: the preferred mode), next to the two modes' centres."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, b = toy_world.patterns()
+    fig, axes = plt.subplots(2, columns + 1, figsize=(1.1 * (columns + 1), 2.6))
+    for row, (name, samples, centre) in enumerate((("reference", ref, a), ("policy", pol, b))):
+        axes[row, 0].imshow(_latent_image(centre))
+        axes[row, 0].set_title(f"mode {'AB'[row]}", fontsize=8)
+        axes[row, 1].set_ylabel(name, fontsize=9)
+        for col in range(columns):
+            ax = axes[row, col + 1]
+            x = samples[col:col + 1]
+            label = ("A" if bool(toy_world.is_mode_a(x)[0]) else "B") if bool(toy_world.on_manifold(x)[0]) else "-"
+            ax.imshow(_latent_image(samples[col]))
+            for side in ax.spines.values():
+                side.set_color("tab:green" if label == prefer else "tab:red")
+                side.set_linewidth(3)
+            ax.set_title(label, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"samples, same initial noise per column (frame: green = preferred mode {prefer}; "
+                 "'-' = near neither mode)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class Demo:
+    """One demo output folder: the data and reference, a reference cache per seed, DPO runs from it."""
+
+    def __init__(self, args, overrides: list[str]):
+        import torch
+
+        self.args, self.overrides = args, overrides
+        self.nproc = min(args.nproc, torch.cuda.device_count()) if torch.cuda.is_available() else args.nproc
+        self.out = out = Path(args.output_dir).resolve()
+        for sub in ("sft", "dpo", "report", "objectives"):
+            shutil.rmtree(out / sub, ignore_errors=True)  # a demo starts fresh; real runs resume instead
+        for old in out.glob("cache*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        bin_dir = Path(sys.executable).parent
+        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "PYTHONUNBUFFERED": "1"}
+        self.data = out / f"toy_prefer_{args.prefer}"
+        if not (self.data / "shards" / "index.json").is_file():
+            toy_world.write_data(str(self.data), num_pairs=2048, prefer=args.prefer, seed=0)
+        base = {"seed": args.seed, "data": {"shards": str(self.data / "shards"), "resolution": 64, "num_workers": 1},
+                "model": {"gradient_checkpointing": False}, "train": {"micro_batch_size": 16},
+                "checkpoint": {"keep_last": 100}, "logging": {"progress": False}}
+        (out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+        self.launch = [str(bin_dir / "deepspeed"), "--num_gpus", str(self.nproc), "--master_port",
+                       str(_free_port()), str(REPO / "launch" / "train.py"), "--deepspeed",
+                       str(REPO / "ds_configs" / "zero2.json"), "--config", str(out / "base.yaml")]
+        self.reference = Path(args.reference).resolve() if args.reference else out / "reference"
+
+    def train_reference(self) -> None:
+        out, steps = self.out, self.args.sft_steps
+        _run(self.launch + [f"--output_dir={out / 'sft'}", f"--model.pretrained_path={self.data / 'model'}",
+                            "--loss.type=sft", f"--train.max_steps={steps}", "--optim.lr=1e-3",
+                            "--optim.warmup_steps=20", f"--checkpoint.every_steps={steps}"],
+             self.env, out / "logs" / "sft.log")
+        shutil.rmtree(self.reference, ignore_errors=True)
+        shutil.copytree(out / "sft" / "export" / "unet", self.reference / "unet")
+        shutil.copytree(self.data / "model" / "scheduler", self.reference / "scheduler")
+
+    def train_dpo(self, run_dir: Path, seed: int, overrides: list[str], checkpoint_every: int) -> Path:
+        """Diffusion-DPO from the reference with the cache of `seed` (made on first use); the DPO log."""
+        a = self.args
+        cache = self.out / f"cache_seed{seed}"
+        dpo = [f"--output_dir={run_dir}", f"--seed={seed}", f"--model.pretrained_path={self.reference}",
+               "--reference.mode=cache", f"--reference.cache_dir={cache}", f"--train.max_steps={a.dpo_steps}",
+               f"--dpo.beta={a.beta}", f"--optim.lr={a.lr}", f"--checkpoint.every_steps={checkpoint_every}",
+               *overrides]
+        if not (cache / "manifest.json").is_file():
+            # Enough cached draws that no pair is trained twice on one draw (2048 pairs, 16 per rank per step).
+            num_draws = -(-a.dpo_steps * 16 * self.nproc // 2048)
+            _run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--config", str(self.out / "base.yaml"),
+                  "--num-draws", str(num_draws), "--batch-size", "128", "--no-progress", *dpo],
+                 self.env, self.out / "logs" / f"precompute_seed{seed}.log")
+        log = self.out / "logs" / f"{run_dir.name}.log"
+        _run(self.launch + dpo, self.env, log)
+        return log
+
+
+def _rate(samples, prefer: str) -> float:
+    return toy_world.is_preferred(samples, prefer).float().mean().item()
+
+
+def _interval_over_seeds(values: list[float]) -> tuple[float, float, float]:
+    import statistics
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def compare_objectives(demo: Demo, names: list[str], seeds: list[int], ref_samples, report: Path) -> dict:
+    """Train each objective once per seed from the same reference; its effect on the sampled rate."""
+    from diffusers import UNet2DConditionModel
+
+    a = demo.args
+    ref_pref = toy_world.is_preferred(ref_samples, a.prefer)
+    rows = {}
+    for name in names:
+        what, overrides = OBJECTIVES[name]
+        runs = []
+        for seed in seeds:
+            run_dir = demo.out / "objectives" / f"{name}_seed{seed}"
+            log = demo.train_dpo(run_dir, seed, overrides, checkpoint_every=a.dpo_steps)
+            pol = toy_world.generate(UNet2DConditionModel.from_pretrained(str(run_dir / "export" / "unet")).eval(),
+                                     num_samples=a.num_samples)
+            diff, lo, hi = toy_world.bootstrap_difference(toy_world.is_preferred(pol, a.prefer), ref_pref)
+            curves = _scalars(run_dir / "tensorboard")
+            runs.append({"seed": seed, "difference": diff, "ci95": [lo, hi],
+                         "on_manifold": toy_world.on_manifold(pol).float().mean().item(),
+                         "final": {k: curves[k][-1][1] for k in DPO_SCALARS},
+                         "gap_w_warning": GAP_W_WARNING in log.read_text()})
+            print(f"demo: objective {name} seed {seed}: {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]", flush=True)
+        mean, lo, hi = _interval_over_seeds([r["difference"] for r in runs])
+        rows[name] = {"what": what, "overrides": overrides, "mean_difference": mean, "ci95_over_seeds": [lo, hi],
+                      "runs": runs}
+    table = {"prefer": a.prefer, "seeds": seeds, "dpo_steps": a.dpo_steps, "beta": a.beta, "lr": a.lr,
+             "num_samples": a.num_samples, "reference_rate": ref_pref.float().mean().item(), "objectives": rows}
+    (report / "objectives.json").write_text(json.dumps(table, indent=2))
+    lines = [f"# Objectives compared: rate of the preferred mode {a.prefer}, policy minus reference\n",
+             f"{a.dpo_steps} DPO steps from the same reference (its rate {table['reference_rate']:.3f}), "
+             f"beta = {a.beta}, lr = {a.lr}, seeds {', '.join(map(str, seeds))} (the run seed: data order and "
+             f"draws); {a.num_samples} samples per model from the same initial noise. Interval: 95% Student t "
+             "over the seeds; per seed, the paired bootstrap 95% interval. Loss, implicit accuracy and "
+             "gap_w are the last logged training values, averaged over seeds.\n",
+             "| objective | overrides | mean difference [95% over seeds] | per seed [bootstrap 95%] | "
+             "policy on manifold | train/loss | implicit acc | gap_w | gap_w warning |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        runs = row["runs"]
+        avg = {k: sum(r["final"][k] for r in runs) / len(runs) for k in DPO_SCALARS}
+        per_seed = "; ".join(f"{r['difference']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" for r in runs)
+        lo, hi = row["ci95_over_seeds"]
+        interval = f"[{lo:+.3f}, {hi:+.3f}]" if len(runs) > 1 else "(one seed)"
+        lines.append(f"| {name} ({row['what']}) | {' '.join(row['overrides']) or 'none'} | "
+                     f"{row['mean_difference']:+.3f} {interval} | {per_seed} | "
+                     f"{sum(r['on_manifold'] for r in runs) / len(runs):.1%} | {avg['train/loss']:.4f} | {avg['train/implicit_acc']:.3f} | {avg['train/gap_w']:+.2e} | "
+                     f"{sum(r['gap_w_warning'] for r in runs)}/{len(runs)} |")
+    (report / "objectives.md").write_text("\n".join(lines) + "\n")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/demo")
@@ -98,55 +276,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-steps", type=int, default=150)
     p.add_argument("--checkpoint-every", type=int, default=50, help="DPO checkpoints, each evaluated for the curve")
     p.add_argument("--beta", type=float, default=500.0)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--objective", default="dpo+sft", choices=list(OBJECTIVES),
+                   help="the headline run's objective (the one that moved samples furthest in the comparison)")
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="run seed: data order and every pair's draws")
     p.add_argument("--reference", help="a reference folder from an earlier demo run (skips the SFT step)")
+    p.add_argument("--objectives", default="",
+                   help=f"also compare these objectives (comma-separated, or 'all': {', '.join(OBJECTIVES)})")
+    p.add_argument("--seeds", default="0,1,2", help="run seeds of the comparison (comma-separated)")
     p.add_argument("overrides", nargs="*", help="extra --section.key=value for the DPO run, e.g. --loss.loser_weight=0")
     args, extra = p.parse_known_args(argv)
-    overrides = args.overrides + extra
+    overrides = OBJECTIVES[args.objective][1] + args.overrides + extra
+    names = list(OBJECTIVES) if args.objectives == "all" else [n for n in args.objectives.split(",") if n]
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        p.error(f"unknown objective(s) {', '.join(unknown)}; known: {', '.join(OBJECTIVES)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
-    import torch
-
-    nproc = min(args.nproc, torch.cuda.device_count()) if torch.cuda.is_available() else args.nproc
-    out = Path(args.output_dir).resolve()
-    for sub in ("sft", "dpo", "cache", "report"):
-        shutil.rmtree(out / sub, ignore_errors=True)  # a demo starts fresh; real runs resume instead
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
     t_start = time.time()
-
-    data = out / f"toy_prefer_{args.prefer}"
-    if not (data / "shards" / "index.json").is_file():
-        toy_world.write_data(str(data), num_pairs=2048, prefer=args.prefer, seed=0)
-    base = {"seed": args.seed, "data": {"shards": str(data / "shards"), "resolution": 64, "num_workers": 1},
-            "model": {"gradient_checkpointing": False}, "train": {"micro_batch_size": 16},
-            "checkpoint": {"keep_last": 100}, "logging": {"progress": False}}
-    (out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
-    launch = [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
-              str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"),
-              "--config", str(out / "base.yaml")]
-
-    reference = Path(args.reference).resolve() if args.reference else out / "reference"
+    demo = Demo(args, overrides)
+    out = demo.out
     if not args.reference:
-        _run(launch + [f"--output_dir={out / 'sft'}", f"--model.pretrained_path={data / 'model'}",
-                       "--loss.type=sft", f"--train.max_steps={args.sft_steps}", "--optim.lr=1e-3",
-                       "--optim.warmup_steps=20", f"--checkpoint.every_steps={args.sft_steps}"],
-             env, out / "logs" / "sft.log")
-        shutil.rmtree(reference, ignore_errors=True)
-        shutil.copytree(out / "sft" / "export" / "unet", reference / "unet")
-        shutil.copytree(data / "model" / "scheduler", reference / "scheduler")
-
-    dpo = [f"--output_dir={out / 'dpo'}", f"--model.pretrained_path={reference}", "--reference.mode=cache",
-           f"--reference.cache_dir={out / 'cache'}", f"--train.max_steps={args.dpo_steps}",
-           f"--dpo.beta={args.beta}", f"--optim.lr={args.lr}", f"--checkpoint.every_steps={args.checkpoint_every}",
-           *overrides]
-    # Enough cached draws that no pair is trained twice on one draw (2048 pairs, 16 per rank per step).
-    num_draws = -(-args.dpo_steps * 16 * nproc // 2048)
-    _run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--config", str(out / "base.yaml"),
-          "--num-draws", str(num_draws), "--batch-size", "128", "--no-progress", *dpo], env, out / "logs" / "precompute.log")
-    _run(launch + dpo, env, out / "logs" / "dpo.log")
+        demo.train_reference()
+    log = demo.train_dpo(out / "dpo", args.seed, overrides, args.checkpoint_every)
 
     # Evaluate every DPO checkpoint (the curve) and the final export (the headline).
     from diffusers import UNet2DConditionModel
@@ -155,42 +308,52 @@ def main(argv: list[str] | None = None) -> int:
 
     report = out / "report"
     report.mkdir()
-    ref_unet = UNet2DConditionModel.from_pretrained(str(reference / "unet")).eval()
-    ref_a = toy_world.is_mode_a(toy_world.generate(ref_unet, num_samples=args.num_samples))
-    ref_rate = ref_a.float().mean().item() if args.prefer == "A" else 1 - ref_a.float().mean().item()
+    ref_unet = UNet2DConditionModel.from_pretrained(str(demo.reference / "unet")).eval()
+    ref_samples = toy_world.generate(ref_unet, num_samples=args.num_samples)
+    ref_rate = _rate(ref_samples, args.prefer)
     rate_curve = [(0, ref_rate, ref_rate)]
     for tag in sorted((out / "dpo" / "checkpoints").glob("step_*")):
-        state = consolidated_state_dict(str(out / "dpo" / "checkpoints"), tag.name)
         unet = UNet2DConditionModel.from_config(ref_unet.config)
-        unet.load_state_dict(state)
-        pol_a = toy_world.is_mode_a(toy_world.generate(unet.eval(), num_samples=args.num_samples))
-        pol_rate = pol_a.float().mean().item() if args.prefer == "A" else 1 - pol_a.float().mean().item()
-        rate_curve.append((int(tag.name.split("_")[1]), pol_rate, ref_rate))
+        unet.load_state_dict(consolidated_state_dict(str(out / "dpo" / "checkpoints"), tag.name))
+        rate_curve.append((int(tag.name.split("_")[1]),
+                           _rate(toy_world.generate(unet.eval(), num_samples=args.num_samples), args.prefer), ref_rate))
 
-    pol_a = toy_world.is_mode_a(toy_world.generate(
-        UNet2DConditionModel.from_pretrained(str(out / "dpo" / "export" / "unet")).eval(), num_samples=args.num_samples))
-    preferred = (lambda x: x) if args.prefer == "A" else (lambda x: ~x)
-    diff, lo, hi = toy_world.bootstrap_difference(preferred(pol_a), preferred(ref_a))
+    pol_samples = toy_world.generate(
+        UNet2DConditionModel.from_pretrained(str(out / "dpo" / "export" / "unet")).eval(), num_samples=args.num_samples)
+    diff, lo, hi = toy_world.bootstrap_difference(toy_world.is_preferred(pol_samples, args.prefer),
+                                                  toy_world.is_preferred(ref_samples, args.prefer))
+    on_manifold = {"reference": toy_world.on_manifold(ref_samples).float().mean().item(),
+                   "policy": toy_world.on_manifold(pol_samples).float().mean().item()}
     curves = _scalars(out / "dpo" / "tensorboard")
     last = {name: curves[name][-1][1] for name in DPO_SCALARS}
     result = {"prefer": args.prefer, "reference_rate": ref_rate, "policy_rate": ref_rate + diff,
-              "difference": diff, "ci95": [lo, hi], "num_samples": args.num_samples, "dpo_steps": args.dpo_steps,
-              "beta": args.beta, "lr": args.lr, "seed": args.seed, "overrides": overrides, "final": last,
-              "gap_w_warning": "train/gap_w (e_w - r_w) has been above zero" in (out / "logs" / "dpo.log").read_text(),
-              "rate_curve": rate_curve, "seconds": round(time.time() - t_start, 1)}
-    (report / "report.json").write_text(json.dumps(result, indent=2))
+              "difference": diff, "ci95": [lo, hi], "on_manifold": on_manifold, "num_samples": args.num_samples,
+              "dpo_steps": args.dpo_steps,
+              "beta": args.beta, "lr": args.lr, "seed": args.seed, "objective": args.objective,
+              "overrides": overrides, "final": last,
+              "gap_w_warning": GAP_W_WARNING in log.read_text(), "rate_curve": rate_curve}
     _plots(report, curves, result, rate_curve)
+    _sample_grid(report / "samples.png", ref_samples, pol_samples, args.prefer)
+    objectives = ""
+    if names:
+        compare_objectives(demo, names, seeds, ref_samples, report)
+        objectives = (report / "objectives.md").read_text().replace("# Objectives compared", "## Objectives compared")
+    result["seconds"] = round(time.time() - t_start, 1)
+    (report / "report.json").write_text(json.dumps(result, indent=2))
     (report / "report.md").write_text(
         f"# dpo_ds demo: toy world, mode {args.prefer} preferred\n\n"
         f"| | rate of mode {args.prefer} |\n|---|---|\n| reference (SFT on both modes) | {ref_rate:.3f} |\n"
         f"| policy after {args.dpo_steps} DPO steps | {ref_rate + diff:.3f} |\n"
         f"| difference (bootstrap 95% interval) | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] |\n\n"
-        f"{args.num_samples} DDIM samples each, same initial noise. beta = {args.beta}, lr = {args.lr}, "
-        f"overrides: {' '.join(overrides) or 'none'}.\n\n"
+        f"{args.num_samples} DDIM samples each, same initial noise; a sample counts for its mode only when it "
+        f"lies near it (RMS distance below {toy_world.ON_MANIFOLD_RMS}): {on_manifold['reference']:.1%} of the "
+        f"reference's samples do, {on_manifold['policy']:.1%} of the policy's. beta = {args.beta}, lr = {args.lr}, "
+        f"seed {args.seed}, objective {args.objective}: {OBJECTIVES[args.objective][0]} "
+        f"(overrides: {' '.join(overrides) or 'none'}).\n\n"
         f"Final train/loss {last['train/loss']:.4f}, implicit accuracy {last['train/implicit_acc']:.3f}, "
         f"gap_w {last['train/gap_w']:+.2e}, gap_l {last['train/gap_l']:+.2e}; gap_w warning: "
         f"{'yes' if result['gap_w_warning'] else 'no'}.\n\n"
-        "![rates](rates.png)\n\n![curves](curves.png)\n")
+        "![rates](rates.png)\n\n![curves](curves.png)\n\n![samples](samples.png)\n\n" + objectives)
     print(f"\ndemo: preferred mode {args.prefer}: reference {ref_rate:.3f} -> policy {ref_rate + diff:.3f} "
           f"({diff:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]) in {result['seconds']:.0f} s")
     print(f"  report      {report / 'report.md'}")
