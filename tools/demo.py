@@ -252,7 +252,8 @@ def compare_objectives(demo: Demo, names: list[str], seeds: list[int], ref_sampl
              "over the seeds; per seed, the paired bootstrap 95% interval. Loss, implicit accuracy and "
              "gap_w are the last logged training values, averaged over seeds.\n",
              "| objective | overrides | mean difference [95% over seeds] | per seed [bootstrap 95%] | "
-             "policy on manifold | train/loss | implicit acc | gap_w | gap_w warning |", "|---|---|---|---|---|---|---|---|---|"]
+             "policy on manifold | train/loss | implicit acc | gap_w | gap_w warning |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         runs = row["runs"]
         avg = {k: sum(r["final"][k] for r in runs) / len(runs) for k in DPO_SCALARS}
@@ -261,7 +262,8 @@ def compare_objectives(demo: Demo, names: list[str], seeds: list[int], ref_sampl
         interval = f"[{lo:+.3f}, {hi:+.3f}]" if len(runs) > 1 else "(one seed)"
         lines.append(f"| {name} ({row['what']}) | {' '.join(row['overrides']) or 'none'} | "
                      f"{row['mean_difference']:+.3f} {interval} | {per_seed} | "
-                     f"{sum(r['on_manifold'] for r in runs) / len(runs):.1%} | {avg['train/loss']:.4f} | {avg['train/implicit_acc']:.3f} | {avg['train/gap_w']:+.2e} | "
+                     f"{sum(r['on_manifold'] for r in runs) / len(runs):.1%} | {avg['train/loss']:.4f} | "
+                     f"{avg['train/implicit_acc']:.3f} | {avg['train/gap_w']:+.2e} | "
                      f"{sum(r['gap_w_warning'] for r in runs)}/{len(runs)} |")
     (report / "objectives.md").write_text("\n".join(lines) + "\n")
     return table
