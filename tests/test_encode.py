@@ -3,7 +3,6 @@ the real CLI as a subprocess, then 2 training steps on what it wrote. Nothing is
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -20,52 +19,10 @@ from PIL import Image
 from conftest import REPO, deepspeed_train, env, read_scalars, write_run_config
 from dpo_ds import data
 from dpo_ds.encode import BadRow, RowSpec, key_fraction, prepare_row, resize_and_crop
+from tiny_sdxl import RESOLUTION, build_tiny_sdxl
 
 TOOL = REPO / "tools" / "encode_pairs.py"
-RESOLUTION = 64  # latents 8 x 8 with the 4-level tiny VAE, as sdxl.TINY_UNET_CONFIG expects
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!,."
 GOOD_ROWS = [0, 1, 5, 6, 7, 8, 9, 10, 11]  # rows of the manifest below that become pairs
-
-
-def _tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    vocab = {c: i for i, c in enumerate(CHARS)}
-    vocab.update({c + "</w>": len(CHARS) + i for i, c in enumerate(CHARS)})
-    for token in ("th", "the</w>", "<|startoftext|>", "<|endoftext|>"):
-        vocab[token] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[("t", "h"), ("th", "e</w>")], model_max_length=77)
-    tokenizer.save_pretrained(str(folder))
-    return vocab
-
-
-def build_tiny_sdxl(root: Path) -> Path:
-    """vae/, text_encoder(_2)/, tokenizer(_2)/, unet/, scheduler/: SDXL's layout at toy sizes.
-
-    Text hidden sizes 32 + 32 = the tiny UNet's cross_attention_dim 64; the pooled projection (32)
-    plus 6 time ids x 8 = its projection_class_embeddings_input_dim 80.
-    """
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "tools" / "make_synthetic.py")
-    make_synthetic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_synthetic)
-    make_synthetic.write_model(str(root), seed=0)
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                        block_out_channels=[8, 8, 16, 16], norm_num_groups=8, latent_channels=4,
-                        sample_size=RESOLUTION, scaling_factor=0.13025)
-    vae.save_pretrained(str(root / "vae"), safe_serialization=True)
-    for suffix, cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
-        vocab = _tokenizer(root / f"tokenizer{suffix}")
-        config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                                num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                                pad_token_id=vocab["<|endoftext|>"])
-        cls(config).save_pretrained(str(root / f"text_encoder{suffix}"), safe_serialization=True)
-    return root
 
 
 def make_image(seed: int, size: tuple[int, int]) -> Image.Image:

@@ -17,10 +17,9 @@ import torch
 av = pytest.importorskip("av", reason="PyAV is not installed; the video path needs it: pip install -e '.[video]'")
 
 from conftest import REPO, env  # noqa: E402
-from dpo_ds import data  # noqa: E402
 from dpo_ds.encode import BadRow, ClipSpec, RowSpec, prepare_video_row, sample_frames  # noqa: E402
+from test_encode import TOOL, encode, ok, read_pairs  # noqa: E402  (the same CLI and shard readers)
 
-TOOL = REPO / "tools" / "encode_pairs.py"
 SIDE = 32  # pixels; latents 4 x 4 with the tiny VAE's 8x spatial factor
 NUM_FRAMES, FPS = 5, 8  # latent frames 1 + (5 - 1) / 4 = 2
 NUM_TOKENS = 16
@@ -95,26 +94,6 @@ def write_manifest(folder: Path) -> tuple[Path, list[dict]]:
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path, rows
-
-
-def encode(*args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], env={**env(), **(extra_env or {})},
-                          capture_output=True, text=True, timeout=300)
-
-
-def ok(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("summary ")][-1]
-    return json.loads(line[len("summary "):])
-
-
-def read_pairs(folder: Path) -> dict[str, dict]:
-    pairs = {}
-    for shard in data.list_shards(str(folder)):
-        for key, members in data._tar_samples(shard.url):
-            assert key not in pairs, f"duplicate key {key}"
-            pairs[key] = data.decode_sample(key, members, schema=None)
-    return pairs
 
 
 def by_row(pairs: dict[str, dict]) -> dict[int, dict]:
