@@ -598,17 +598,26 @@ class _EpochPairs(IterableDataset):
     def _collate(self, samples: list[dict], num_padded: int) -> dict:
         cfg = self.cfg
         draw_index = self.epoch % cfg.num_draws if cfg.num_draws else self.epoch
-        draws = [noise.draw(cfg.seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape),
-                            cfg.num_train_timesteps, cfg.timestep_range) for s in samples]
-        batch = {
-            "keys": [s["key"] for s in samples],
-            "shard_urls": [s["url"] for s in samples],
-            "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
-            "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
-            "noise": torch.stack([n for _, n in draws]),
-        }
-        for name in sorted(samples[0]["tensors"]):
-            batch[name] = torch.stack([s["tensors"][name].float() for s in samples])
+        batch = collate_pairs(samples, draw_index, cfg.seed, cfg.num_train_timesteps, cfg.timestep_range)
+        batch["shard_urls"] = [s["url"] for s in samples]
         batch["num_bad"], batch["num_padded"] = self.num_bad, num_padded
         self.num_bad = 0
         return batch
+
+
+def collate_pairs(samples: list[dict], draw_index: int, seed: int, num_train_timesteps: int,
+                  timestep_range: tuple[int, int] | list[int] | None) -> dict:
+    """Decoded pairs at one draw index as one batch: keys, each pair's (timestep, noise) from noise.draw, and
+    every tensor of the schema stacked as float32. The trainer and the reference-cache tool both batch through
+    this, so a cached reference error is always computed on the very draw training uses."""
+    draws = [noise.draw(seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape),
+                        num_train_timesteps, timestep_range) for s in samples]
+    batch = {
+        "keys": [s["key"] for s in samples],
+        "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
+        "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
+        "noise": torch.stack([n for _, n in draws]),
+    }
+    for name in sorted(samples[0]["tensors"]):
+        batch[name] = torch.stack([s["tensors"][name].float() for s in samples])
+    return batch

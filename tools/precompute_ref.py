@@ -27,9 +27,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from dpo_ds import engine, models, noise
+from dpo_ds import engine, models
 from dpo_ds.config import load_config, training_dtype
-from dpo_ds.data import BadSample, ShardInfo, _tar_samples, decode_sample, list_shards
+from dpo_ds.data import BadSample, ShardInfo, _tar_samples, collate_pairs, decode_sample, list_shards
 from dpo_ds.models import noisy_pair, pair_errors
 from dpo_ds.noise import NoiseSchedule
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256,
@@ -73,17 +73,8 @@ def build_reference(cfg, spec, device: torch.device, dtype: torch.dtype) -> tupl
 
 
 def _batch(samples: list[dict], draw_index: int, cfg, num_train_timesteps: int, device: torch.device) -> dict:
-    """Pairs at one draw index, laid out as dpo_ds.data's batches are (same draw function, float32 tensors)."""
-    draws = [noise.draw(cfg.seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape),
-                        num_train_timesteps, cfg.data.timestep_range) for s in samples]
-    batch = {
-        "keys": [s["key"] for s in samples],
-        "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
-        "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
-        "noise": torch.stack([n for _, n in draws]),
-    }
-    for name in sorted(samples[0]["tensors"]):
-        batch[name] = torch.stack([s["tensors"][name].float() for s in samples])
+    """Pairs at one draw index, batched exactly as training batches them (dpo_ds.data.collate_pairs)."""
+    batch = collate_pairs(samples, draw_index, cfg.seed, num_train_timesteps, cfg.data.timestep_range)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
