@@ -44,22 +44,6 @@ class BadRow(ValueError):
         self.reason = reason
 
 
-def rank_and_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as the launcher announced them: deepspeed/torchrun, mpirun, srun.
-
-    The same variables as engine.world_from_env, which cannot be used here: engine imports
-    deepspeed, and encoding needs no process group.
-    """
-    for rank_var, size_var, local_var in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-                                          ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                                           "OMPI_COMM_WORLD_LOCAL_RANK"),
-                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                                          ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        if rank_var in os.environ and size_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[size_var]), int(os.environ.get(local_var, "0"))
-    return 0, 1, 0
-
-
 def key_fraction(key: str) -> float:
     """A uniform number in [0, 1) that depends on the key only, so a split by it is stable as data grows."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2.0**64

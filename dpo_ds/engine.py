@@ -27,6 +27,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint import ds_to_universal
 
+from dpo_ds import launchenv
 from dpo_ds.config import OptimConfig
 
 log = logging.getLogger("dpo_ds")
@@ -39,16 +40,9 @@ UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal
 # ---------------------------------------------------------------- processes
 
 def world_from_env() -> tuple[int, int]:
-    """(rank, world size) as the launcher announced them, before any process group exists.
-
-    The deepspeed launcher and torchrun set RANK/WORLD_SIZE; mpirun sets
-    OMPI_COMM_WORLD_*; srun sets SLURM_PROCID/SLURM_NTASKS.
-    """
-    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                               ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_var in os.environ and size_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[size_var])
-    return 0, 1
+    """(rank, world size) as the launcher announced them, before any process group exists."""
+    rank, world_size, _ = launchenv.rank_world_local()
+    return rank, world_size
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:

@@ -48,9 +48,10 @@ from typing import Iterator
 
 import torch
 
+from dpo_ds import launchenv
 from dpo_ds.data import INDEX_FORMAT, INDEX_NAME, ShardWriter
 from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, SDXLEncoder,
-                           WanEncoder, key_fraction, prepare_row, prepare_video_row, rank_and_world)
+                           WanEncoder, key_fraction, prepare_row, prepare_video_row)
 
 log = logging.getLogger("encode_pairs")
 
@@ -363,7 +364,7 @@ def _device_and_dtype(args: argparse.Namespace, local_rank: int) -> tuple[torch.
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    env_rank, env_world, local_rank = rank_and_world()
+    env_rank, env_world, local_rank = launchenv.rank_world_local()
     rank = env_rank if args.rank is None else args.rank
     world = env_world if args.world_size is None else args.world_size
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s encode rank{rank}] %(levelname)s %(message)s",
