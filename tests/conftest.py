@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,13 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def write_raw_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A tar written by hand, so it can hold what ShardWriter refuses to write."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from conftest import write_raw_tar
 from dpo_ds import data, noise
 
 SCHEMA = {"prompt_embeds": (77, 32), "pooled_prompt_embeds": (32,), "time_ids_w": (6,), "time_ids_l": (6,)}
@@ -41,16 +41,6 @@ def write_pairs(out_dir, indices, max_pairs, prefix="shard") -> dict[str, tuple[
             writer.write(key, meta, tensors)
             pairs[key] = (meta, tensors)
     return pairs
-
-
-def write_raw_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """A shard written without ShardWriter's checks, to hold bad samples."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, payload in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
 
 
 def raw_members(index: int, **overrides) -> tuple[str, dict[str, bytes]]:

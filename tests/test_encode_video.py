@@ -18,7 +18,7 @@ av = pytest.importorskip("av", reason="PyAV is not installed; the video path nee
 
 from conftest import REPO, env  # noqa: E402
 from dpo_ds.encode import BadRow, ClipSpec, RowSpec, prepare_video_row, sample_frames  # noqa: E402
-from test_encode import TOOL, encode, ok, read_pairs  # noqa: E402  (the same CLI and shard readers)
+from test_encode import encode, ok, read_pairs, two_ranks_match_one  # noqa: E402  (the same CLI and shard readers)
 
 SIDE = 32  # pixels; latents 4 x 4 with the tiny VAE's 8x spatial factor
 NUM_FRAMES, FPS = 5, 8  # latent frames 1 + (5 - 1) / 4 = 2
@@ -206,23 +206,7 @@ def test_prompt_embeds_are_umt5_states_zero_past_the_prompt(world):
 
 
 def test_two_ranks_write_the_same_pairs_as_one(world):
-    root = world["root"]
-    cmd = [sys.executable, str(TOOL), *world["common"], "--out", str(root / "two"), "--no-progress"]
-    procs = [subprocess.Popen(cmd, env={**env(), "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, stderr) in zip(procs, outs):
-        assert p.returncode == 0, stderr[-4000:]
-    per_rank = [json.loads([ln for ln in o.splitlines() if ln.startswith("summary ")][-1][8:]) for o, _ in outs]
-    assert [s["chunks"] for s in per_rank] == [2, 1]
-    assert sum(s["pairs_written"] for s in per_rank) == len(GOOD_ROWS)
-    one, two = read_pairs(root / "one"), read_pairs(root / "two")
-    assert sorted(one) == sorted(two)
-    for key in one:
-        assert one[key]["meta"] == two[key]["meta"]
-        for name, tensor in one[key]["tensors"].items():
-            assert torch.equal(tensor, two[key]["tensors"][name]), (key, name)
-    assert len(json.loads((root / "two" / "index.json").read_text())["shards"]) == 3
+    two_ranks_match_one(world, len(GOOD_ROWS))
 
 
 def test_inspector_accepts_the_video_shards(world):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import REPO, env
+from conftest import REPO, env, write_raw_tar
 from dpo_ds import data
 
 TOOL = REPO / "tools" / "inspect_shards.py"
@@ -40,16 +38,6 @@ def write_good(folder: Path, indices: range, prefix: str = "shard") -> dict:
             writer.write(key, meta, tensors)
             pairs[key] = tensors
     return pairs
-
-
-def write_raw_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """A tar written by hand, so it can hold what ShardWriter refuses to write."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, payload in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
 
 
 def members(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
