@@ -240,6 +240,10 @@ class Policy:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optim, max_steps)),
         )
         self.is_zero3 = zero.get("stage", 0) == 3
+        log.info("policy: %.2fM trainable parameters, ZeRO stage %d, optimizer %s%s",
+                 sum(p.numel() for p in params) / 1e6, zero.get("stage", 0),
+                 type(optimizer).__name__ if optimizer is not None else ds_config["optimizer"].get("type"),
+                 ", its state offloaded to cpu" if is_offloaded else "")
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
