@@ -306,19 +306,16 @@ class Policy:
         if num_saved_ranks == world_size():
             load_path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         else:
+            if not self.engine.load_universal_checkpoint():
+                raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} was written by {num_saved_ranks} processes: build "
+                                   "the Policy with the DeepSpeed config of engine.config_for_resume")
             universal = Path(ckpt_dir, tag, UNIVERSAL)
             if rank() == 0 and not universal.is_dir():
                 log.info("checkpoint %s/%s was written by %d processes, this run has %d: converting it to "
                          "DeepSpeed's universal format in %s", ckpt_dir, tag, num_saved_ranks, world_size(), universal)
                 _to_universal(Path(ckpt_dir, tag), universal)
             barrier()
-            # DeepSpeed's `checkpoint.load_universal` switch, flipped for this load only: the engine is
-            # built before the trainer knows what it resumes, and the same world size keeps the exact path.
-            self.engine._config.load_universal_checkpoint = True
-            try:
-                load_path, client_state = self.engine.load_checkpoint(str(Path(ckpt_dir, tag)), tag=UNIVERSAL)
-            finally:
-                self.engine._config.load_universal_checkpoint = False
+            load_path, client_state = self.engine.load_checkpoint(str(Path(ckpt_dir, tag)), tag=UNIVERSAL)
         if load_path is None:
             raise ValueError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
         _set_rng_state(client_state.pop("rng"))
@@ -381,6 +378,18 @@ def _to_universal(checkpoint: Path, out: Path) -> None:
         num_merge_workers=num_workers, keep_temp_folder=False, no_strict=False, inject_missing_state=False))
     os.replace(tmp, out)
     Path(checkpoint, "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to tmp
+
+
+def config_for_resume(ds_config: dict, ckpt_dir: str, tag: str | None) -> dict:
+    """The policy's DeepSpeed config for a run that resumes from ckpt_dir/tag (None: a fresh run).
+
+    A checkpoint written by another number of processes is loaded through DeepSpeed's universal
+    format, which its `checkpoint.load_universal` switch selects; it is read at load time only, and
+    the same world size keeps DeepSpeed's exact path.
+    """
+    if tag is None or checkpoint_world_size(ckpt_dir, tag) == world_size():
+        return ds_config
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
 def find_resume_tag(ckpt_dir: str, resume: str) -> str | None:

@@ -65,6 +65,7 @@ class Trainer:
         self.spec = models.family(cfg.model.family)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = str(self.out / "checkpoints")
+        self.resume_tag = engine.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)  # None: a fresh run
 
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank (from-config models)
         unet = self.spec.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
@@ -96,7 +97,8 @@ class Trainer:
             self.reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.policy = engine.Policy(unet, ds_config, cfg.optim, cfg.train.max_steps)
+        self.policy = engine.Policy(unet, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
+                                    cfg.optim, cfg.train.max_steps)
 
         self.loader = PairLoader(
             shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
@@ -366,7 +368,7 @@ class Trainer:
         # (None: the loader's own plan); rank_state beside every checkpoint.
         self.consumed: dict[str, list[str]] = {}
         self.excluded: dict[str, list[str]] | None = None
-        tag = engine.find_resume_tag(self.ckpt_dir, self.cfg.checkpoint.resume)
+        tag = self.resume_tag
         if tag is None:
             return
         # Read from the files, as the engine does to choose how to load; TrainState.world_size is a record.
