@@ -52,7 +52,7 @@ BATCH_FIELDS = {"keys", "shard_urls", "draw_index", "timesteps", "noise", "num_b
 # webdataset's rule: the key is the member path up to the first dot of its file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # Errors that mean "this shard's bytes are unreadable", as opposed to a bug in this module.
-_SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 
 class BadSample(ValueError):
@@ -255,7 +255,7 @@ def _count_pairs(url: str) -> int:
                 match = _KEY_EXT.match(member.name)
                 if member.isfile() and match:
                     keys.add(match[1])
-    except _SHARD_ERRORS as e:
+    except SHARD_ERRORS as e:
         log.warning("shard %s: tar unreadable after %d pairs (%s); counting those", url, len(keys), e)
     return len(keys)
 
@@ -315,8 +315,9 @@ def _seed_of(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample in tar order; consecutive members with one key form a sample."""
+def tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample in tar order, undecoded; consecutive members with one key form a sample.
+    The tools that read raw members (inspection, the reference cache) read them through this."""
     with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         key, members = None, {}
         for member in tar:
@@ -575,7 +576,7 @@ class _EpochPairs(IterableDataset):
     def _raw_samples(self, pieces: list[_Piece]) -> Iterator[tuple[str, dict[str, bytes], str]]:
         for piece in pieces:
             shard, num_read, position = piece.shard, 0, 0
-            samples = _tar_samples(shard.url)
+            samples = tar_samples(shard.url)
             try:
                 for key, members in samples:
                     if key in piece.excluded:
@@ -586,7 +587,7 @@ class _EpochPairs(IterableDataset):
                         yield key, members, shard.url
                     if piece.stop is not None and num_read == piece.num_pairs:
                         break
-            except _SHARD_ERRORS as e:
+            except SHARD_ERRORS as e:
                 log.warning("shard %s unreadable after %d pairs: %s: %s", shard.url, num_read, type(e).__name__, e)
             finally:
                 samples.close()  # a piece that ends before the shard does stops reading there

@@ -77,7 +77,7 @@ def ok(proc: subprocess.CompletedProcess) -> dict:
 def read_pairs(folder: Path) -> dict[str, dict]:
     pairs = {}
     for shard in data.list_shards(str(folder)):
-        for key, members in data._tar_samples(shard.url):
+        for key, members in data.tar_samples(shard.url):
             assert key not in pairs, f"duplicate key {key}"
             pairs[key] = data.decode_sample(key, members, schema=None)
     return pairs

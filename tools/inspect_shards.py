@@ -24,8 +24,7 @@ import sys
 
 import torch
 
-from dpo_ds.data import _SHARD_ERRORS, LATENT_NAMES, BadSample, decode_sample, list_shards
-from dpo_ds.data import _tar_samples as tar_samples  # raw (key, members) in tar order; decoding stays in data.py
+from dpo_ds.data import LATENT_NAMES, SHARD_ERRORS, BadSample, decode_sample, list_shards, tar_samples
 
 LAYOUT_RANKS = {"CHW": 3, "CFHW": 4}
 META_FIELDS = {"caption": str, "family": str, "latent_layout": str, "scaling_factor": (int, float),
@@ -147,7 +146,7 @@ def inspect(spec: list[str], max_problems: int = 100) -> dict:
             for key, members in tar_samples(shard.url):
                 num_read += 1
                 report.add(shard.url, key, members)
-        except _SHARD_ERRORS as e:
+        except SHARD_ERRORS as e:
             report.problem(shard.url, None, f"tar unreadable after {num_read} pairs: {type(e).__name__}: {e}")
         report.num_bytes += max(shard.size_bytes, 0)
         shard_counts.append((shard.url, shard.num_pairs, num_read))

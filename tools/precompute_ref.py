@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dpo_ds import engine, models
 from dpo_ds.config import load_config, training_dtype
-from dpo_ds.data import BadSample, ShardInfo, _tar_samples, collate_pairs, decode_sample, list_shards
+from dpo_ds.data import BadSample, ShardInfo, collate_pairs, decode_sample, list_shards, tar_samples
 from dpo_ds.models import noisy_pair, pair_errors
 from dpo_ds.noise import NoiseSchedule
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256,
@@ -84,7 +84,7 @@ def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, spec, schema: d
                   progress: tqdm) -> tuple[list[str], dict[str, torch.Tensor], int]:
     """(keys, tensors of the shard's cache file, number of bad pairs skipped) for one shard."""
     samples, num_bad = [], 0
-    for key, members in _tar_samples(shard.url):
+    for key, members in tar_samples(shard.url):
         try:
             samples.append(decode_sample(key, members, schema))
         except BadSample as e:  # training skips it too, so it needs no cache entry
