@@ -27,7 +27,6 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint import ds_to_universal
 
-from dpo_ds import launchenv
 from dpo_ds.config import OptimConfig
 
 log = logging.getLogger("dpo_ds")
@@ -38,12 +37,6 @@ UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal
 
 
 # ---------------------------------------------------------------- processes
-
-def world_from_env() -> tuple[int, int]:
-    """(rank, world size) as the launcher announced them, before any process group exists."""
-    rank, world_size, _ = launchenv.rank_world_local()
-    return rank, world_size
-
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the process group (gloo on CPU, nccl on NVIDIA GPUs); a single process forms a group of one.

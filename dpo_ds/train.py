@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from dpo_ds import engine, models
+from dpo_ds import engine, launchenv, models
 from dpo_ds.config import dump_config, load_config, resolve_ds_config, training_dtype
 from dpo_ds.data import list_shards
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    rank, world_size = engine.world_from_env()
+    rank, world_size, _ = launchenv.rank_world_local()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

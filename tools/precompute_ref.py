@@ -27,7 +27,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from dpo_ds import engine, models
+from dpo_ds import engine, launchenv, models
 from dpo_ds.config import load_config, training_dtype
 from dpo_ds.data import BadSample, ShardInfo, collate_pairs, decode_sample, list_shards, tar_samples
 from dpo_ds.models import noisy_pair, pair_errors
@@ -125,7 +125,7 @@ def _is_complete(path: str, digest: str, store_eps: bool) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, _ = engine.world_from_env()
+    rank, _, _ = launchenv.rank_world_local()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -52,20 +52,23 @@ def patterns() -> tuple[torch.Tensor, torch.Tensor]:
             AMPLITUDE * torch.randn(LATENT_SHAPE, generator=g).sign())
 
 
-def is_mode_a(latents_NCHW: torch.Tensor) -> torch.Tensor:
-    """The oracle: [N] bool, True where a latent is closer to pattern A than to B."""
+def mode_distances(latents_NCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] mean squared distances of each latent to the centres of mode A and of mode B."""
     a, b = patterns()
     x = latents_NCHW.float()
-    return (x - a).pow(2).flatten(1).sum(1) < (x - b).pow(2).flatten(1).sum(1)
+    return (x - a).pow(2).flatten(1).mean(1), (x - b).pow(2).flatten(1).mean(1)
+
+
+def is_mode_a(latents_NCHW: torch.Tensor) -> torch.Tensor:
+    """The oracle: [N] bool, True where a latent is closer to pattern A than to B."""
+    to_a, to_b = mode_distances(latents_NCHW)
+    return to_a < to_b
 
 
 def on_manifold(latents_NCHW: torch.Tensor) -> torch.Tensor:
     """[N] bool: True where a latent lies near one of the modes, as the data does. The oracle's
     verdict on a sample far from both (a diverged sampler) says nothing about preference."""
-    a, b = patterns()
-    x = latents_NCHW.float()
-    rms = torch.minimum((x - a).pow(2).flatten(1).mean(1), (x - b).pow(2).flatten(1).mean(1)).sqrt()
-    return rms < ON_MANIFOLD_RMS
+    return torch.minimum(*mode_distances(latents_NCHW)).sqrt() < ON_MANIFOLD_RMS
 
 
 def is_preferred(latents_NCHW: torch.Tensor, prefer: str) -> torch.Tensor:
