@@ -202,18 +202,18 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _client_optimizer(params, cfg: OptimConfig, offload: bool) -> torch.optim.Optimizer:
+def _client_optimizer(params, cfg: OptimConfig, lr: float, offload: bool) -> torch.optim.Optimizer:
     if cfg.name == "adafactor":
         from transformers.optimization import Adafactor
 
         # Fixed lr (no relative step), so the schedule above is the only one.
-        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
+        return Adafactor(params, lr=lr, weight_decay=cfg.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return DeepSpeedCPUAdam(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 # ---------------------------------------------------------------- engines
@@ -227,16 +227,18 @@ class Policy:
         if optim.name == "adafactor":
             ds_config = {**ds_config, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = None if "optimizer" in ds_config else _client_optimizer(params, optim, is_offloaded)
+        lr = optim.peak_lr(ds_config["train_batch_size"])
+        optimizer = None if "optimizer" in ds_config else _client_optimizer(params, optim, lr, is_offloaded)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optim, max_steps)),
         )
         self.is_zero3 = zero.get("stage", 0) == 3
-        log.info("policy: %.2fM trainable parameters, ZeRO stage %d, optimizer %s%s",
+        log.info("policy: %.2fM trainable parameters, ZeRO stage %d, optimizer %s%s, peak lr %.4g%s",
                  sum(p.numel() for p in params) / 1e6, zero.get("stage", 0),
                  type(optimizer).__name__ if optimizer is not None else ds_config["optimizer"].get("type"),
-                 ", its state offloaded to cpu" if is_offloaded else "")
+                 ", its state offloaded to cpu" if is_offloaded else "", lr,
+                 f" (optim.lr {optim.lr:g} x global batch {ds_config['train_batch_size']})" if optim.scale_lr else "")
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)

@@ -117,3 +117,14 @@ def test_exponent_floats_without_a_dot(tmp_path):
                     "optim: {lr: 1e-5}\n")
     assert load_config(str(path)).optim.lr == 1e-5
     assert load_config(str(path), ["--optim.lr=2e-3", "--dpo.beta=5e3"]).dpo.beta == 5000.0
+
+
+def test_scale_lr_multiplies_by_the_global_batch(tmp_path):
+    """The authors' --scale_lr: their SDXL 1e-8 at 2048 pairs per step is 2.048e-5."""
+    args = BASE + ["--train.micro_batch_size=1", "--train.grad_accum=128", "--optim.lr=1e-8"]
+    assert load_config(None, args).optim.peak_lr(2048) == 1e-8
+    cfg = load_config(None, args + ["--optim.scale_lr=true"])
+    assert cfg.optim.peak_lr(2048) == pytest.approx(2.048e-5)
+    path = _ds(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "zero_optimization": {"stage": 3}})
+    ds = resolve_ds_config(path, cfg, world_size=16, dtype="bf16")
+    assert ds["train_batch_size"] == 2048 and ds["optimizer"]["params"]["lr"] == pytest.approx(2.048e-5)

@@ -1,4 +1,5 @@
-"""One process, no launcher: ZeRO-2 with Adafactor and a cosine schedule, the frozen reference, non-finite losses."""
+"""One process, no launcher: ZeRO-2 with Adafactor, a scaled lr and a cosine schedule, the frozen reference, non-finite
+losses."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ print("RESULT " + json.dumps({
 
 def test_zero2_adafactor_cosine_and_frozen_reference(tiny, tmp_path):
     cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run",
-                           train={"max_steps": 4}, optim={"name": "adafactor", "lr": 1e-3, "warmup_steps": 1,
+                           train={"max_steps": 4}, optim={"name": "adafactor", "lr": 5e-4, "scale_lr": True, "warmup_steps": 1,
                                                           "schedule": "cosine", "min_lr_ratio": 0.1},
                            checkpoint={"every_steps": 100, "export": False})
     script = tmp_path / "probe.py"
@@ -64,7 +65,8 @@ def test_zero2_adafactor_cosine_and_frozen_reference(tiny, tmp_path):
     assert not result["reference_training"]
     assert result["policy_unmoved"] == []
     assert "Adafactor" in result["optimizer"]
-    # warmup to 1e-3 at step 0, then cosine towards 1e-4 at step 4 (lr read after each step's update)
+    # optim.scale_lr: 5e-4 x 2 pairs per step (micro-batch 2, one process) = 1e-3.
+    # Warmup to 1e-3 at step 0, then cosine towards 1e-4 at step 4 (lr read after each step's update).
     lrs = result["lrs"]
     assert len(lrs) == 4 and lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2] > lrs[3] >= 1e-4 - 1e-12
 
