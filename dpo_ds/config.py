@@ -23,15 +23,16 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: Literal["sdxl"] = "sdxl"
-    """Model family; decides the denoiser class, its conditioning and latent layout."""
+    family: Literal["sdxl", "sd15"] = "sdxl"
+    """Model family (dpo_ds/models/): the denoiser class, its conditioning, latent layout, forward process
+    and the law of each pair's draw. `sdxl`: SDXL; `sd15`: SD 1.5 and SD 2.x (one CLIP text encoder)."""
     pretrained_path: str | None = None
     """Local diffusers model folder holding `unet/` (and `scheduler/`). Required unless `unet_config` is set."""
     unet_config: str | None = None
     """Path to a UNet config.json to build a freshly initialised model from (tests, toy runs)."""
     scheduler_config: str | None = None
     """Path to a scheduler_config.json; default `pretrained_path/scheduler/scheduler_config.json`."""
-    prediction_type: Literal["epsilon", "v_prediction", "flow"] | None = None
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Override the scheduler's prediction type (what the denoiser predicts)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch SDPA, or xformers (GPU, must be installed: `pip install .[xformers]`)."""

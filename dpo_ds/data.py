@@ -10,7 +10,7 @@ Beside the shards, index.json:
 
 Batch legend (PairLoader.epoch yields, B = batch_size, `...` = latent layout CHW or CFHW):
   keys [B] str, shard_urls [B] str (each pair's shard), draw_index [B] long (= epoch, or epoch mod num_draws),
-  timesteps [B] long, noise [B x ...] float32,
+  t [B] float64 (the draw's value, by the family's law), noise [B x ...] float32,
   latents_w / latents_l [B x ...] float32, every conditioning tensor [B x ...] float32,
   num_bad int, num_padded int.
 
@@ -31,7 +31,7 @@ import re
 import subprocess
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import braceexpand
 import safetensors.torch
@@ -48,7 +48,7 @@ MEMBER_EXTENSIONS = ("json", "safetensors")
 LATENT_NAMES = ("latents_w", "latents_l")
 LATENT_DTYPES = (torch.float16, torch.bfloat16)
 PICKLE_EXTENSIONS = {"pt", "pth", "pickle", "pkl", "pyd", "npy"}
-BATCH_FIELDS = {"keys", "shard_urls", "draw_index", "timesteps", "noise", "num_bad", "num_padded"}
+BATCH_FIELDS = {"keys", "shard_urls", "draw_index", "t", "noise", "num_bad", "num_padded"}
 # webdataset's rule: the key is the member path up to the first dot of its file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # Errors that mean "this shard's bytes are unreadable", as opposed to a bug in this module.
@@ -400,8 +400,7 @@ class PairLoader:
 
     def __init__(self, shards: list[ShardInfo], *, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 2, shuffle_buffer: int = 256, schema: dict[str, tuple[int, ...] | None],
-                 num_train_timesteps: int, timestep_range: tuple[int, int] | None = None,
-                 num_draws: int | None = None):
+                 draw_t: Callable[[torch.Generator], float], num_draws: int | None = None):
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(f"PairLoader needs batch_size >= 1, num_workers >= 0, 0 <= rank < world_size; "
                              f"got {batch_size}, {num_workers}, {rank}, {world_size}")
@@ -413,7 +412,7 @@ class PairLoader:
         self.shards = list(shards)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers, self.shuffle_buffer, self.schema = num_workers, shuffle_buffer, dict(schema)
-        self.num_train_timesteps, self.timestep_range = num_train_timesteps, timestep_range
+        self.draw_t = draw_t  # the family's law of t (Family.draw_t)
         # With a reference cache of K draws per pair, epoch e uses draw e mod K: the policy must see
         # exactly the noisy latents the cached errors were computed on. The shuffle still uses e.
         if num_draws is not None and num_draws < 1:
@@ -599,24 +598,24 @@ class _EpochPairs(IterableDataset):
     def _collate(self, samples: list[dict], num_padded: int) -> dict:
         cfg = self.cfg
         draw_index = self.epoch % cfg.num_draws if cfg.num_draws else self.epoch
-        batch = collate_pairs(samples, draw_index, cfg.seed, cfg.num_train_timesteps, cfg.timestep_range)
+        batch = collate_pairs(samples, draw_index, cfg.seed, cfg.draw_t)
         batch["shard_urls"] = [s["url"] for s in samples]
         batch["num_bad"], batch["num_padded"] = self.num_bad, num_padded
         self.num_bad = 0
         return batch
 
 
-def collate_pairs(samples: list[dict], draw_index: int, seed: int, num_train_timesteps: int,
-                  timestep_range: tuple[int, int] | list[int] | None) -> dict:
-    """Decoded pairs at one draw index as one batch: keys, each pair's (timestep, noise) from noise.draw, and
-    every tensor of the schema stacked as float32. The trainer and the reference-cache tool both batch through
-    this, so a cached reference error is always computed on the very draw training uses."""
-    draws = [noise.draw(seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape),
-                        num_train_timesteps, timestep_range) for s in samples]
+def collate_pairs(samples: list[dict], draw_index: int, seed: int, draw_t: Callable[[torch.Generator], float]) -> dict:
+    """Decoded pairs at one draw index as one batch: keys, each pair's (t, noise) from noise.draw with the
+    family's law draw_t, and every tensor of the schema stacked as float32. The trainer and the
+    reference-cache tool both batch through this, so a cached reference error is always computed on the
+    very draw training uses."""
+    draws = [noise.draw(seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape), draw_t)
+             for s in samples]
     batch = {
         "keys": [s["key"] for s in samples],
         "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
-        "timesteps": torch.tensor([t for t, _ in draws], dtype=torch.long),
+        "t": torch.tensor([t for t, _ in draws], dtype=torch.float64),
         "noise": torch.stack([n for _, n in draws]),
     }
     for name in sorted(samples[0]["tensors"]):

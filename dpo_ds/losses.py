@@ -146,7 +146,7 @@ def preference_loss(
     return loss, diag
 
 
-TIMESTEP_BUCKETS = ("low", "mid", "high")
+NOISE_BUCKETS = ("low", "mid", "high")
 
 
 def bucket_sums(
@@ -154,10 +154,11 @@ def bucket_sums(
     model_err_l: torch.Tensor,
     ref_err_w: torch.Tensor,
     ref_err_l: torch.Tensor,
-    timesteps: torch.Tensor,
-    num_train_timesteps: int,
+    noise_level: torch.Tensor,
 ) -> torch.Tensor:
-    """Per noise-level bucket (thirds of [0, T): low, mid, high noise): sums to reduce across ranks.
+    """Per noise-level bucket (thirds of [0, 1]: low, mid, high noise): sums to reduce across ranks.
+
+    noise_level: [N] in [0, 1], the family's measure of how noisy each pair's draw is.
 
     Returns [3 x 4] float64: per bucket (pairs, correct pairs, Σ(e_w − r_w), Σ(e_l − r_l)),
     ties counting one half as in implicit accuracy. Divide by the pair count after reducing.
@@ -166,8 +167,9 @@ def bucket_sums(
     gap_l = (model_err_l - ref_err_l).detach().double()
     z = gap_w - gap_l
     correct = (z < 0).double() + 0.5 * (z == 0).double()
-    bucket = (timesteps.long() * len(TIMESTEP_BUCKETS) // num_train_timesteps).clamp(0, len(TIMESTEP_BUCKETS) - 1)
-    out = torch.zeros(len(TIMESTEP_BUCKETS), 4, dtype=torch.float64, device=z.device)
+    num = len(NOISE_BUCKETS)
+    bucket = (noise_level.double() * num).floor().long().clamp(0, num - 1)
+    out = torch.zeros(num, 4, dtype=torch.float64, device=z.device)
     for column, values in enumerate((torch.ones_like(z), correct, gap_w, gap_l)):
         out[:, column].index_add_(0, bucket.to(z.device), values)
     return out

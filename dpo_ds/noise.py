@@ -1,11 +1,12 @@
-"""Forward diffusion process, training targets, and the seeded per-pair draw.
+"""Forward-process mathematics that families share, and the seeded per-pair draw.
 
 Legend: N = batch, `...` = any latent layout (CHW for images, CFHW for video).
 
-The draw (timestep, noise) of a pair is a pure function of
-(global seed, pair key, draw index), computed on the CPU with a seeded
-torch.Generator (DESIGN.md §2). The reference cache is only valid because the
-precompute tool and the trainer call the same function.
+A family (dpo_ds/models/) owns its forward process and decides what it uses from here;
+nothing outside dpo_ds/models/ calls the processes directly. The draw of a pair (its value t,
+then its noise) is a pure function of (global seed, pair key, draw index) and the family's law
+for t, computed on the CPU with a seeded torch.Generator (docs/design.md, "The draw"). The
+reference cache is only valid because the precompute tool and the trainer call the same function.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
 def _betas(config: dict) -> torch.Tensor:
@@ -42,56 +42,47 @@ def _betas(config: dict) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class NoiseSchedule:
-    """The forward process q(x_t | x_0) of a DDPM-family or flow-matching model."""
+class DDPMProcess:
+    """q(x_t | x_0) = N(sqrt(ᾱ_t)·x0, (1 − ᾱ_t)·I) over integer timesteps 0..T-1 (DDPM, SD, SDXL).
 
-    alphas_cumprod: torch.Tensor  # [T] float32; unused for flow
+    The network predicts ε (epsilon) or v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0 (v_prediction).
+    """
+
+    alphas_cumprod: torch.Tensor  # [T] float32
     prediction_type: str
     num_train_timesteps: int
 
+    PREDICTION_TYPES = ("epsilon", "v_prediction")
+
     @classmethod
-    def from_config(cls, config: dict, prediction_type: str | None = None) -> "NoiseSchedule":
+    def from_config(cls, config: dict, prediction_type: str | None = None) -> "DDPMProcess":
         """Build from a diffusers scheduler config dict (scheduler/scheduler_config.json)."""
         ptype = prediction_type or config.get("prediction_type", "epsilon")
-        if ptype not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {ptype!r} is not one of {PREDICTION_TYPES}")
-        num = int(config.get("num_train_timesteps", 1000))
-        if ptype == "flow":
-            return cls(torch.ones(num), ptype, num)
+        if ptype not in cls.PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {ptype!r} is not one of {cls.PREDICTION_TYPES} for a DDPM-type "
+                             "scheduler; flow matching belongs to a flow family")
         betas = _betas(config)
         if config.get("rescale_betas_zero_snr", False):
             betas = _zero_terminal_snr(betas)
-        return cls(torch.cumprod(1.0 - betas, dim=0), ptype, num)
+        return cls(torch.cumprod(1.0 - betas, dim=0), ptype, int(config.get("num_train_timesteps", 1000)))
 
-    def _coefs(self, timesteps: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _coefs(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(signal, noise) coefficients per sample, shaped to broadcast over [N x ...]."""
-        t = timesteps.long().cpu()
-        if self.prediction_type == "flow":
-            sigma = t.float() / self.num_train_timesteps
-            a, s = 1.0 - sigma, sigma
-        else:
-            ac = self.alphas_cumprod[t]
-            a, s = ac.sqrt(), (1.0 - ac).sqrt()
+        ac = self.alphas_cumprod[t.long().cpu()]
         shape = (-1,) + (1,) * (ndim - 1)
-        return a.view(shape), s.view(shape)
+        return ac.sqrt().view(shape), (1.0 - ac).sqrt().view(shape)
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t for x0, noise [N x ...] and integer timesteps [N]."""
-        a, s = self._coefs(timesteps, x0.ndim)
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t for x0, noise [N x ...] and integer-valued timesteps t [N]."""
+        a, s = self._coefs(t, x0.ndim)
         return a.to(x0) * x0 + s.to(x0) * noise
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser is trained to predict at (x0, noise, t)."""
         if self.prediction_type == "epsilon":
             return noise
-        if self.prediction_type == "flow":
-            return noise - x0
-        a, s = self._coefs(timesteps, x0.ndim)
+        a, s = self._coefs(t, x0.ndim)
         return a.to(x0) * noise - s.to(x0) * x0
-
-    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The timestep value the denoiser is conditioned on (integer t; flow models take t too)."""
-        return timesteps
 
 
 def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -103,28 +94,25 @@ def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
+def uniform_timestep(g: torch.Generator, lo: int, hi: int) -> float:
+    """An integer timestep uniform in [lo, hi), as a float (the draw's value is a float for every family)."""
+    return float(torch.randint(lo, hi, (1,), generator=g).item())
+
+
 def draw_seed(seed: int, key: str, draw_index: int) -> int:
     """A 63-bit generator seed from (global seed, pair key, draw index); stable across machines."""
     digest = hashlib.sha256(f"{int(seed)}\x00{key}\x00{int(draw_index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def draw(
-    seed: int,
-    key: str,
-    draw_index: int,
-    latent_shape: tuple[int, ...],
-    num_train_timesteps: int,
-    timestep_range: tuple[int, int] | None = None,
-) -> tuple[int, torch.Tensor]:
-    """The pair's (timestep, noise [latent_shape] float32), shared by winner and loser.
+def draw(seed: int, key: str, draw_index: int, latent_shape: tuple[int, ...],
+         law: Callable[[torch.Generator], float]) -> tuple[float, torch.Tensor]:
+    """The pair's (t, noise [latent_shape] float32), shared by winner and loser.
 
-    timestep_range is [lo, hi) within [0, num_train_timesteps); default the whole range.
+    `law` is the family's law of t (Family.draw_t): it takes the pair's generator first, then the
+    noise is drawn from the same generator, so t and noise are one function of the pair.
     """
-    lo, hi = timestep_range or (0, num_train_timesteps)
-    if not 0 <= lo < hi <= num_train_timesteps:
-        raise ValueError(f"timestep_range {lo, hi} must satisfy 0 <= lo < hi <= {num_train_timesteps}")
     g = torch.Generator(device="cpu").manual_seed(draw_seed(seed, key, draw_index))
-    t = int(torch.randint(lo, hi, (1,), generator=g).item())
+    t = law(g)
     noise = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
     return t, noise

@@ -10,16 +10,18 @@ built. Reading and writing the cache both live here, so the format has one home.
 
 Cache format (a contract; `CACHE_FORMAT`, nothing in it is decoded with pickle):
   CACHE_DIR/manifest.json   written last, by rank 0, once every shard file exists:
-    {"format": "dpo_ds.refcache/1",
+    {"format": "dpo_ds.refcache/2",
      "fingerprint": {"tool_version": int, "reference_weights": "sha256:<hex>", "family": str,
                      "shards": [{"name", "num_pairs", "size_bytes"}, ...],   sorted by name
-                     "scheduler": {the diffusers scheduler config}, "prediction_type": str,
-                     "seed": int, "timestep_range": [lo, hi] | null, "num_draws": K, "dtype": "fp32"|"bf16"|"fp16"},
+                     "draw_law": {the family's law of t and forward process: scheduler config,
+                                  prediction type, range, ... (Family.draw_law)},
+                     "seed": int, "num_draws": K, "dtype": "fp32"|"bf16"|"fp16"},
      "fingerprint_sha256": "<hex of the canonical JSON of fingerprint>",
      "files": [{"shard": name, "file": name + ".ref.safetensors", "num_pairs": int, "num_bad": int}, ...],
      "has_eps": bool}
   CACHE_DIR/<shard name>.ref.safetensors   one per shard (N = good pairs in the shard, in tar order):
-    tensors   timesteps [N, K] int64, ref_err_w [N, K] float32, ref_err_l [N, K] float32,
+    tensors   t [N, K] float64 (the draw's value, exactly as the family drew it),
+              ref_err_w [N, K] float32, ref_err_l [N, K] float32,
               with --store-eps also eps_w, eps_l [N, K, ...latent] bfloat16 (the reference's predictions)
     metadata  {"format": CACHE_FORMAT, "fingerprint_sha256": ..., "shard": name, "keys": JSON list of N keys,
                "num_bad": pairs skipped as bad samples, "has_eps": "true" | "false"}   (all strings)
@@ -35,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-from types import ModuleType
 
 import safetensors
 import safetensors.torch
@@ -44,35 +45,35 @@ import torch
 from dpo_ds import engine
 from dpo_ds.config import RunConfig
 from dpo_ds.data import ShardInfo
-from dpo_ds.models import load_scheduler_config, pair_errors
+from dpo_ds.models.family import Family
 
 log = logging.getLogger("dpo_ds")
 
-CACHE_FORMAT = "dpo_ds.refcache/1"
+CACHE_FORMAT = "dpo_ds.refcache/2"
 TOOL_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FILE_SUFFIX = ".ref.safetensors"
 
 
 class LiveReference:
-    def __init__(self, spec: ModuleType, ref_engine, dtype: torch.dtype):
-        self.spec, self.engine, self.dtype = spec, ref_engine, dtype
+    def __init__(self, family: Family, ref_engine, dtype: torch.dtype):
+        self.family, self.engine, self.dtype = family, ref_engine, dtype
 
     @classmethod
-    def build(cls, cfg: RunConfig, spec: ModuleType, initial_policy: torch.nn.Module, policy_ds_config: dict,
+    def build(cls, cfg: RunConfig, family: Family, initial_policy: torch.nn.Module, policy_ds_config: dict,
               dtype: torch.dtype) -> "LiveReference":
         """Reference = reference.pretrained_path if set, else a copy of the policy before training."""
         if cfg.reference.pretrained_path is not None:
-            model = spec.load_denoiser(cfg.reference.pretrained_path, None)
+            model = family.load_denoiser(cfg.reference.pretrained_path, None)
         else:
             model = copy.deepcopy(initial_policy)
-        spec.set_attention(model, cfg.model.attention)
-        return cls(spec, engine.build_reference(model, policy_ds_config, cfg.reference.offload), dtype)
+        family.set_attention(model, cfg.model.attention)
+        return cls(family, engine.build_reference(model, policy_ds_config, cfg.reference.offload), dtype)
 
     @torch.no_grad()
     def errors(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
         """r_w, r_l: [B] float32 reference errors at the pair's shared draw."""
-        return pair_errors(self.spec, self.engine, batch, x_t, target, t, self.dtype)
+        return self.family.pair_errors(self.engine, batch, x_t, target, t, self.dtype)
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -88,9 +89,9 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def folder_weights_hash(spec: ModuleType, pretrained_path: str) -> str:
+def folder_weights_hash(family: Family, pretrained_path: str) -> str:
     """weights_hash of a diffusers folder's denoiser, read tensor by tensor: no model is built."""
-    folder = os.path.join(pretrained_path, spec.DENOISER_SUBFOLDER)
+    folder = os.path.join(pretrained_path, family.DENOISER_SUBFOLDER)
     single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     index = single + ".index.json"
     if os.path.isfile(index):
@@ -107,20 +108,17 @@ def folder_weights_hash(spec: ModuleType, pretrained_path: str) -> str:
     return weights_hash(state)
 
 
-def fingerprint(cfg: RunConfig, shards: list[ShardInfo], reference_weights: str, num_draws: int,
+def fingerprint(cfg: RunConfig, family: Family, shards: list[ShardInfo], reference_weights: str, num_draws: int,
                 dtype: str) -> dict:
     """Everything the cached values depend on (DESIGN.md §5), as plain JSON."""
-    scheduler = load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
     return {
         "tool_version": TOOL_VERSION,
         "reference_weights": reference_weights,
-        "family": cfg.model.family,
+        "family": family.NAME,
         "shards": sorted(({"name": os.path.basename(s.url), "num_pairs": s.num_pairs, "size_bytes": s.size_bytes}
                           for s in shards), key=lambda e: e["name"]),
-        "scheduler": scheduler,
-        "prediction_type": cfg.model.prediction_type or scheduler.get("prediction_type", "epsilon"),
+        "draw_law": family.draw_law(),
         "seed": cfg.seed,
-        "timestep_range": list(cfg.data.timestep_range) if cfg.data.timestep_range else None,
         "num_draws": num_draws,
         "dtype": dtype,
     }
@@ -192,14 +190,12 @@ def read_manifest(cache_dir: str) -> dict:
 class CachedReference:
     """Reference errors looked up by (pair key, draw index) in a verified cache; no model anywhere."""
 
-    def __init__(self, cache_dir: str, manifest: dict, num_train_timesteps: int):
+    def __init__(self, cache_dir: str, manifest: dict):
         self.cache_dir = cache_dir
         fp = manifest["fingerprint"]
         self.num_draws, self.seed = int(fp["num_draws"]), int(fp["seed"])
-        self.timestep_range = tuple(fp["timestep_range"]) if fp["timestep_range"] else None
-        self.num_train_timesteps = num_train_timesteps
         self.row: dict[str, int] = {}
-        parts: dict[str, list[torch.Tensor]] = {"timesteps": [], "ref_err_w": [], "ref_err_l": []}
+        parts: dict[str, list[torch.Tensor]] = {"t": [], "ref_err_w": [], "ref_err_l": []}
         for entry in manifest["files"]:
             path = os.path.join(cache_dir, entry["file"])
             meta = read_shard_metadata(path)
@@ -211,15 +207,15 @@ class CachedReference:
                     parts[name].append(f.get_tensor(name))
             for key in json.loads(meta["keys"]):
                 self.row[key] = len(self.row)
-        self.timesteps, self.err_w, self.err_l = (torch.cat(parts[n]) for n in parts)
+        self.t, self.err_w, self.err_l = (torch.cat(parts[n]) for n in parts)
 
     @classmethod
-    def load(cls, cfg: RunConfig, expected_fingerprint: dict, num_train_timesteps: int) -> "CachedReference":
+    def load(cls, cfg: RunConfig, expected_fingerprint: dict) -> "CachedReference":
         """Open reference.cache_dir, refuse it unless it was made for this run, load every (key, draw)."""
         cache_dir = cfg.reference.cache_dir
         manifest = read_manifest(cache_dir)
         check_fingerprint(cache_dir, manifest["fingerprint"], expected_fingerprint)
-        ref = cls(cache_dir, manifest, num_train_timesteps)
+        ref = cls(cache_dir, manifest)
         if engine.rank() == 0:
             log.info("reference: cache %s, %d pairs x %d draws", cache_dir, len(ref.row), ref.num_draws)
         return ref
@@ -239,12 +235,12 @@ class CachedReference:
         rows_t = torch.tensor(rows, dtype=torch.long)
         draws = batch["draw_index"].cpu()
         assert bool((draws < self.num_draws).all()), "the loader must draw at epoch mod num_draws"
-        cached_t = self.timesteps[rows_t, draws]
-        mismatch = (cached_t != batch["timesteps"].cpu()).nonzero()
+        cached_t = self.t[rows_t, draws]
+        mismatch = (cached_t != batch["t"].cpu()).nonzero()
         if len(mismatch):
             i = int(mismatch[0])
             raise ValueError(f"reference cache {self.cache_dir}: pair {batch['keys'][i]!r} draw {int(draws[i])} "
-                             f"has timestep {int(cached_t[i])} in the cache but {int(batch['timesteps'][i])} in "
-                             "training; the cache was made with another draw function or timestep range")
-        device = batch["timesteps"].device
+                             f"has t = {float(cached_t[i])!r} in the cache but {float(batch['t'][i])!r} in "
+                             "training; the cache was made with another draw function or law of t")
+        device = batch["t"].device
         return self.err_w[rows_t, draws].to(device), self.err_l[rows_t, draws].to(device)

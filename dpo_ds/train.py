@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
         ds_config = resolve_ds_config(args.deepspeed, cfg, world_size, dtype)
-        spec = models.family(cfg.model.family)
-        spec.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
-        models.load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
+        models.build(cfg)  # the family's settings: model folder, scheduler, resolution, draw law
         shards = list_shards(cfg.data.shards)
         if len(shards) < world_size:
             raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "

@@ -17,10 +17,8 @@ import torch
 from dpo_ds import engine, models
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, list_shards
-from dpo_ds.losses import TIMESTEP_BUCKETS, bucket_sums, preference_loss, sft_loss
+from dpo_ds.losses import NOISE_BUCKETS, bucket_sums, preference_loss, sft_loss
 from dpo_ds.metrics import Metrics
-from dpo_ds.models import noisy_pair, pair_errors
-from dpo_ds.noise import NoiseSchedule
 from dpo_ds.reference import CachedReference, LiveReference, folder_weights_hash, fingerprint, weights_hash
 
 log = logging.getLogger("dpo_ds")
@@ -62,18 +60,15 @@ class Trainer:
         self.cfg = cfg
         self.dtype = DTYPES[dtype]
         self.device = engine.device()
-        self.spec = models.family(cfg.model.family)
+        self.family = models.build(cfg)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = str(self.out / "checkpoints")
         self.resume_tag = engine.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)  # None: a fresh run
 
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank (from-config models)
-        unet = self.spec.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
-        self.spec.set_attention(unet, cfg.model.attention)
+        unet = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
+        self.family.set_attention(unet, cfg.model.attention)
         self.unet_config = dict(unet.config)
-        self.schedule = NoiseSchedule.from_config(
-            models.load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config),
-            cfg.model.prediction_type)
         shards = list_shards(cfg.data.shards)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
@@ -83,18 +78,19 @@ class Trainer:
         self.is_drift_check_due = False
         if self.has_cache:
             # The reference model is never built from a cache; only its weights are hashed, to check the cache.
-            self.ref_hash = (folder_weights_hash(self.spec, cfg.reference.pretrained_path)
+            self.ref_hash = (folder_weights_hash(self.family, cfg.reference.pretrained_path)
                              if cfg.reference.pretrained_path is not None else weights_hash(unet.state_dict()))
-            expected = fingerprint(cfg, shards, self.ref_hash, num_draws=0, dtype=dtype)  # K is the cache's to say
-            self.reference = CachedReference.load(cfg, expected, self.schedule.num_train_timesteps)
+            # K is the cache's to say
+            expected = fingerprint(cfg, self.family, shards, self.ref_hash, num_draws=0, dtype=dtype)
+            self.reference = CachedReference.load(cfg, expected)
             if cfg.reference.drift_check_every:
-                self.drift_reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
+                self.drift_reference = LiveReference.build(cfg, self.family, unet, ds_config, self.dtype)
             elif engine.rank() == 0:
                 log.info("reference: the reference model is not built (reference.mode=cache, no drift check)")
         elif self.is_sft:
             self.reference = None  # the plain diffusion objective needs no reference
         else:
-            self.reference = LiveReference.build(cfg, self.spec, unet, ds_config, self.dtype)
+            self.reference = LiveReference.build(cfg, self.family, unet, ds_config, self.dtype)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.policy = engine.Policy(unet, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
@@ -104,8 +100,7 @@ class Trainer:
             shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
             world_size=engine.world_size(), seed=cfg.seed, num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            schema=self.spec.sample_schema(self.unet_config, cfg.data.resolution, cfg.model.vae_scale_factor),
-            num_train_timesteps=self.schedule.num_train_timesteps, timestep_range=cfg.data.timestep_range,
+            schema=self.family.sample_schema(self.unet_config), draw_t=self.family.draw_t,
             num_draws=self.reference.num_draws if self.has_cache else None)
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
@@ -119,22 +114,21 @@ class Trainer:
         val_shards = list_shards(cfg.data.val_shards)
         self.val_loader = PairLoader(
             val_shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(), world_size=engine.world_size(),
-            seed=cfg.seed, num_workers=0, shuffle_buffer=1, schema=self.loader.schema,
-            num_train_timesteps=self.schedule.num_train_timesteps, timestep_range=cfg.data.timestep_range,
+            seed=cfg.seed, num_workers=0, shuffle_buffer=1, schema=self.loader.schema, draw_t=self.family.draw_t,
             num_draws=1)
         self.val_reference = self.reference
         if self.has_cache:
             val_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(
                 update={"cache_dir": cfg.reference.val_cache_dir})})
-            expected = fingerprint(val_cfg, val_shards, self.ref_hash, num_draws=0, dtype=dtype)
-            self.val_reference = CachedReference.load(val_cfg, expected, self.schedule.num_train_timesteps)
+            expected = fingerprint(val_cfg, self.family, val_shards, self.ref_hash, num_draws=0, dtype=dtype)
+            self.val_reference = CachedReference.load(val_cfg, expected)
 
     # ------------------------------------------------------------ the step
 
     def forward_loss(self, batch: dict, reference=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective of one micro-batch: policy and reference at the same noisy inputs."""
-        x_t, target, t = noisy_pair(batch, self.schedule)
-        model_err_w, model_err_l = pair_errors(self.spec, self.policy, batch, x_t, target, t, self.dtype)
+        x_t, target, t = self.family.noisy_pair(batch)
+        model_err_w, model_err_l = self.family.pair_errors(self.policy, batch, x_t, target, t, self.dtype)
         if self.is_sft:
             loss = sft_loss(model_err_w, model_err_l)
             return loss, {"loss": loss.detach(), "model_err_w": model_err_w.detach().mean(),
@@ -147,8 +141,7 @@ class Trainer:
         loss, diag = preference_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, kind=lc.type,
                                      beta=self.cfg.dpo.beta, loser_weight=lc.loser_weight, sft_weight=lc.sft_weight,
                                      winner_hinge=lc.winner_hinge, ipo_margin=lc.ipo_margin)
-        buckets = bucket_sums(model_err_w, model_err_l, ref_err_w, ref_err_l, batch["timesteps"],
-                              self.schedule.num_train_timesteps)
+        buckets = bucket_sums(model_err_w, model_err_l, ref_err_w, ref_err_l, self.family.noise_level(batch["t"]))
         return loss, {"loss": loss.detach(), **diag, "buckets": buckets}
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
@@ -267,7 +260,7 @@ class Trainer:
         count = sums[len(names)].item()
         out = {f"{prefix}/{name}": sums[i].item() / count for i, name in enumerate(names)}
         if "buckets" in window.sums:
-            for b, (pairs, correct, gap_w, gap_l) in zip(TIMESTEP_BUCKETS, sums[len(names) + 1:].view(-1, 4).tolist()):
+            for b, (pairs, correct, gap_w, gap_l) in zip(NOISE_BUCKETS, sums[len(names) + 1:].view(-1, 4).tolist()):
                 if pairs:
                     out.update({f"{prefix}/implicit_acc/{b}_noise": correct / pairs,
                                 f"{prefix}/gap_w/{b}_noise": gap_w / pairs, f"{prefix}/gap_l/{b}_noise": gap_l / pairs})
@@ -424,9 +417,9 @@ class Trainer:
     def export(self) -> Path:
         """The trained denoiser as a diffusers folder under output_dir/export/."""
         state_dict = self.policy.full_state_dict()
-        out = self.out / "export" / self.spec.DENOISER_SUBFOLDER
+        out = self.out / "export" / self.family.DENOISER_SUBFOLDER
         if engine.rank() == 0:
-            self.spec.export(state_dict, self.unet_config, str(out), torch.float32)
+            self.family.export(state_dict, self.unet_config, str(out), torch.float32)
             log.info("exported %s", out)
         engine.barrier()
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,9 @@ from conftest import write_raw_tar
 from dpo_ds import data, noise
 
 SCHEMA = {"prompt_embeds": (77, 32), "pooled_prompt_embeds": (32,), "time_ids_w": (6,), "time_ids_l": (6,)}
-NUM_TRAIN_TIMESTEPS = 1000
+# The law of t of a DDPM family over 1000 timesteps (dpo_ds.models.unet2d), and one over [100, 900).
+LAW = functools.partial(noise.uniform_timestep, lo=0, hi=1000)
+NARROW_LAW = functools.partial(noise.uniform_timestep, lo=100, hi=900)
 
 
 def make_pair(index: int) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -51,7 +54,7 @@ def raw_members(index: int, **overrides) -> tuple[str, dict[str, bytes]]:
 
 def make_loader(shards, **kw) -> data.PairLoader:
     args = dict(batch_size=3, rank=0, world_size=1, seed=7, num_workers=2, shuffle_buffer=4,
-                schema=SCHEMA, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+                schema=SCHEMA, draw_t=LAW)
     return data.PairLoader(shards, **{**args, **kw})
 
 
@@ -131,7 +134,7 @@ def test_split_across_ranks_and_workers(tmp_path, sizes):
 def test_order_and_draws_are_deterministic(tmp_path):
     write_pairs(tmp_path, range(24), max_pairs=6)
     shards = data.list_shards(str(tmp_path))
-    loader = make_loader(shards, timestep_range=(100, 900))
+    loader = make_loader(shards, draw_t=NARROW_LAW)
     first, again, other = list(loader.epoch(2)), list(loader.epoch(2)), list(loader.epoch(3))
     assert all_keys(first) == all_keys(again)
     assert all_keys(first) != all_keys(other)
@@ -142,12 +145,12 @@ def test_order_and_draws_are_deterministic(tmp_path):
             # One noise tensor per pair, shaped like one latent: winner and loser share it.
             assert batch["noise"].shape == batch["latents_w"].shape == (3, 4, 8, 8)
             for row, key in enumerate(batch["keys"]):
-                t, eps = noise.draw(7, key, epoch, (4, 8, 8), NUM_TRAIN_TIMESTEPS, (100, 900))
-                assert batch["timesteps"][row].item() == t and 100 <= t < 900
+                t, eps = noise.draw(7, key, epoch, (4, 8, 8), NARROW_LAW)
+                assert batch["t"].dtype == torch.float64 and batch["t"][row].item() == t and 100 <= t < 900
                 assert torch.equal(batch["noise"][row], eps)
     # The draw index changes the draw: the same pair gets new noise next epoch.
     key = first[0]["keys"][0]
-    assert not torch.equal(noise.draw(7, key, 2, (4, 8, 8), 1000)[1], noise.draw(7, key, 3, (4, 8, 8), 1000)[1])
+    assert not torch.equal(noise.draw(7, key, 2, (4, 8, 8), LAW)[1], noise.draw(7, key, 3, (4, 8, 8), LAW)[1])
 
 
 def test_draws_cycle_over_a_cache_of_k_draws(tmp_path):
@@ -157,11 +160,11 @@ def test_draws_cycle_over_a_cache_of_k_draws(tmp_path):
     cycled, plain = make_loader(shards, num_draws=2), make_loader(shards)
     late, early = list(cycled.epoch(3)), list(plain.epoch(1))
     assert all_keys(late) == all_keys(list(plain.epoch(3)))  # shuffle of epoch 3
-    by_key = {k: (b["timesteps"][i], b["noise"][i]) for b in early for i, k in enumerate(b["keys"])}
+    by_key = {k: (b["t"][i], b["noise"][i]) for b in early for i, k in enumerate(b["keys"])}
     for batch in late:
         assert batch["draw_index"].tolist() == [1] * len(batch["keys"])
         for i, key in enumerate(batch["keys"]):
-            assert batch["timesteps"][i] == by_key[key][0] and torch.equal(batch["noise"][i], by_key[key][1])
+            assert batch["t"][i] == by_key[key][0] and torch.equal(batch["noise"][i], by_key[key][1])
     with pytest.raises(ValueError, match="num_draws"):
         make_loader(shards, num_draws=0)
 
@@ -178,7 +181,7 @@ def test_resume_mid_epoch(tmp_path, num_workers, max_pairs):
         tail = list(loader.epoch(1, skip_batches=skip))
         assert [b["keys"] for b in tail] == [b["keys"] for b in full[skip:]], skip
         for resumed, original in zip(tail, full[skip:]):
-            for name in ("timesteps", "noise", "latents_w", "latents_l", "prompt_embeds"):
+            for name in ("t", "noise", "latents_w", "latents_l", "prompt_embeds"):
                 assert torch.equal(resumed[name], original[name])
 
 

@@ -156,7 +156,7 @@ def test_bucket_sums():
     e_w = torch.tensor([0.1, 0.3, 0.2, 0.2])
     e_l = torch.tensor([0.2, 0.2, 0.2, 0.2])
     r = torch.full((4,), 0.2)
-    out = bucket_sums(e_w, e_l, r, r, torch.tensor([0, 100, 500, 999]), 1000)
+    out = bucket_sums(e_w, e_l, r, r, torch.tensor([0, 100, 500, 999]) / 1000)
     assert out[:, 0].tolist() == [2.0, 1.0, 1.0]          # pairs per bucket
     assert out[:, 1].tolist() == [1.0, 0.5, 0.5]          # correct (ties count 1/2)
     assert out[:, 2].tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-7)  # −0.1 and +0.1 in "low"

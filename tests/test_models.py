@@ -1,59 +1,140 @@
-"""SDXL model spec: conditioning call, schema, attention choice, loading errors."""
+"""Model families: the contract's draw, noising, target and error against direct formulas; schemas;
+conditioning; loading errors."""
 
 import importlib.util
+import math
 
 import pytest
 import torch
 
-from dpo_ds.models import noisy_pair, pair_errors, sdxl
-from dpo_ds.noise import NoiseSchedule
+from dpo_ds import models, noise
+from dpo_ds.models import sd15, sdxl
+from dpo_ds.models.family import Family
+
+FAMILIES = {"sdxl": (sdxl.SDXL, sdxl.TINY_UNET_CONFIG, sdxl.SDXL_SCHEDULER_CONFIG),
+            "sd15": (sd15.SD15, sd15.TINY_UNET_CONFIG, sd15.SD15_SCHEDULER_CONFIG)}
 
 
-@pytest.fixture(scope="module")
-def unet():
+def _family(name: str, prediction_type=None, timestep_range=None) -> Family:
+    cls, _, scheduler = FAMILIES[name]
+    return cls(scheduler, prediction_type, 64, 8, timestep_range)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_and_unet(request):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel.from_config(sdxl.TINY_UNET_CONFIG).eval()
+    return _family(request.param), UNet2DConditionModel.from_config(FAMILIES[request.param][1]).eval()
 
 
 def _batch(schema, b=3):
     g = torch.Generator().manual_seed(1)
     batch = {name: torch.randn(b, *shape, generator=g) for name, shape in schema.items()}
     batch["noise"] = torch.randn(b, *schema["latents_w"], generator=g)
-    batch["timesteps"] = torch.tensor([5, 400, 990])
+    batch["t"] = torch.tensor([5.0, 400.0, 990.0], dtype=torch.float64)
     return batch
 
 
-def test_schema_follows_the_unet_config():
-    schema = sdxl.sample_schema(sdxl.TINY_UNET_CONFIG, resolution=64, vae_scale_factor=8)
+def test_every_family_is_registered_under_its_name():
+    assert {name: cls.NAME for name, cls in models.FAMILIES.items()} == {n: n for n in models.FAMILIES}
+    with pytest.raises(ValueError, match="is not one of"):
+        models.family_class("sd3")
+
+
+def test_schemas_follow_the_unet_config():
+    schema = _family("sdxl").sample_schema(sdxl.TINY_UNET_CONFIG)
     assert schema["latents_w"] == (4, 8, 8) and schema["prompt_embeds"] == (77, 64)
     assert schema["pooled_prompt_embeds"] == (32,) and schema["time_ids_l"] == (6,)
+    assert _family("sd15").sample_schema(sd15.TINY_UNET_CONFIG) == {
+        "latents_w": (4, 8, 8), "latents_l": (4, 8, 8), "prompt_embeds": (77, 32)}
     with pytest.raises(ValueError, match="multiple"):
-        sdxl.sample_schema(sdxl.TINY_UNET_CONFIG, resolution=60, vae_scale_factor=8)
+        sdxl.SDXL(sdxl.SDXL_SCHEDULER_CONFIG, None, 60, 8)
+    with pytest.raises(ValueError, match="use model.family=sdxl"):
+        _family("sd15").sample_schema(sdxl.TINY_UNET_CONFIG)
 
 
-def test_pair_errors_use_each_images_time_ids(unet):
-    schema = sdxl.sample_schema(sdxl.TINY_UNET_CONFIG, 64, 8)
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_noising_and_target_against_the_formulas(name, prediction_type):
+    """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε; target ε, or v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0."""
+    family = _family(name, prediction_type)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0.0, 499.0, 999.0], dtype=torch.float64)
+    x_t, target = family.noisy(x0, eps, t)
+    a = alphas_cumprod[t.long()].sqrt().view(-1, 1, 1, 1)
+    s = (1 - alphas_cumprod[t.long()]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(x_t.double(), a * x0.double() + s * eps.double(), atol=1e-5)
+    expected = eps.double() if prediction_type == "epsilon" else a * eps.double() - s * x0.double()
+    assert torch.allclose(target.double(), expected, atol=1e-5)
+    assert family.noise_level(t).tolist() == [0.0, 0.499, 0.999]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_ddpm_draw_law(name):
+    """t uniform over the integer timesteps of data.timestep_range, drawn before the noise; the law is fingerprinted."""
+    family = _family(name, timestep_range=(100, 300))
+    ts = [noise.draw(0, f"k{i}", 0, (4, 8, 8), family.draw_t)[0] for i in range(400)]
+    assert all(t == int(t) and 100 <= t < 300 for t in ts)
+    assert abs(sum(ts) / len(ts) - 199.5) < 6  # mean of U{100..299}; its standard error is 2.9
+    law = family.draw_law()
+    assert law["timestep_range"] == [100, 300] and law["prediction_type"] == "epsilon"
+    assert law != _family(name).draw_law()
+    with pytest.raises(ValueError, match="timestep_range"):
+        _family(name, timestep_range=(500, 1200))
+
+
+def test_a_perfect_prediction_has_zero_error_and_the_error_is_the_mean_square():
+    family = _family("sd15")
+    target = torch.randn(4, 4, 8, 8)
+    t = torch.zeros(4, dtype=torch.float64)
+    assert torch.equal(family.error(target.clone(), target, t), torch.zeros(4))
+    assert torch.allclose(family.error(target + 2.0, target, t), torch.full((4,), 4.0))
+
+
+def test_pair_errors_run_one_forward_on_winners_then_losers(family_and_unet):
+    family, unet = family_and_unet
+    schema = family.sample_schema(dict(unet.config))
     batch = _batch(schema)
-    batch["latents_l"] = batch["latents_w"].clone()
-    schedule = NoiseSchedule.from_config(sdxl.SDXL_SCHEDULER_CONFIG)
-    x_t, target, t = noisy_pair(batch, schedule)
-    assert x_t.shape == (6, 4, 8, 8) and torch.equal(t, batch["timesteps"].repeat(2))
+    x_t, target, t = family.noisy_pair(batch)
+    assert x_t.shape == (6, 4, 8, 8) and torch.equal(t, batch["t"].repeat(2))
     with torch.no_grad():
-        e_w, e_l = pair_errors(sdxl, unet, batch, x_t, target, t, torch.float32)
-        assert e_w.shape == (3,) and torch.allclose(e_w, e_l) is False  # time_ids_w != time_ids_l
+        e_w, e_l = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
+        # Winner i's error is the mean square of the network's output on it against its target.
+        pred = unet(x_t[:1], t[:1].long(), encoder_hidden_states=batch["prompt_embeds"][:1],
+                    added_cond_kwargs={"text_embeds": batch["pooled_prompt_embeds"][:1],
+                                       "time_ids": batch["time_ids_w"][:1]} if family.NAME == "sdxl" else None,
+                    return_dict=False)[0]
+    assert e_w.shape == e_l.shape == (3,)
+    assert math.isclose(e_w[0].item(), (pred - target[:1]).pow(2).mean().item(), rel_tol=1e-4)
+
+
+def test_sdxl_uses_each_images_time_ids():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    family, unet = _family("sdxl"), UNet2DConditionModel.from_config(sdxl.TINY_UNET_CONFIG).eval()
+    batch = _batch(family.sample_schema(dict(unet.config)))
+    batch["latents_l"] = batch["latents_w"].clone()
+    x_t, target, t = family.noisy_pair(batch)
+    with torch.no_grad():
+        e_w, e_l = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
+        assert not torch.allclose(e_w, e_l)  # time_ids_w != time_ids_l
         batch["time_ids_l"] = batch["time_ids_w"].clone()
-        e_w2, e_l2 = pair_errors(sdxl, unet, batch, x_t, target, t, torch.float32)
+        e_w2, e_l2 = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
     assert torch.allclose(e_w2, e_l2, atol=1e-6)  # identical latents and conditioning
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
-def test_xformers_asked_for_but_missing_is_a_clear_error(unet):
+def test_xformers_asked_for_but_missing_is_a_clear_error(family_and_unet):
+    family, unet = family_and_unet
     with pytest.raises(ValueError, match="xformers is not installed"):
-        sdxl.set_attention(unet, "xformers")
+        family.set_attention(unet, "xformers")
 
 
 def test_missing_unet_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="has no unet/config.json"):
-        sdxl.load_denoiser(str(tmp_path), None)
+    for cls in models.FAMILIES.values():
+        with pytest.raises(ValueError, match="has no unet/config.json"):
+            cls.load_denoiser(str(tmp_path), None)

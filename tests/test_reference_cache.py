@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
+from dpo_ds import noise
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,7 @@ def small(tmp_path_factory) -> Path:
 
 NUM_DRAWS = 2
 NUM_PAIRS = 8
+LAW = functools.partial(noise.uniform_timestep, lo=0, hi=1000)  # the tiny SDXL family's law of t
 # 8 pairs / (2 ranks x 2 pairs) = 2 micro-batches per epoch: steps 3-4 train at draw index 1.
 MAX_STEPS = 4
 
@@ -106,8 +109,6 @@ def cached(small, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_precompute_matches_the_training_draw_and_one_vs_two_processes(cached, tmp_path):
-    from dpo_ds import noise
-
     cfg, cache_dir = cached
     one = _cache_contents(cache_dir)
     assert one["manifest"]["fingerprint"]["num_draws"] == NUM_DRAWS
@@ -116,7 +117,8 @@ def test_precompute_matches_the_training_draw_and_one_vs_two_processes(cached, t
     keys = json.loads(first["metadata"]["keys"])
     for row, key in enumerate(keys):
         for d in range(NUM_DRAWS):
-            assert int(first["timesteps"][row, d]) == noise.draw(0, key, d, (4, 8, 8), 1000)[0]
+            assert first["t"][row, d].item() == noise.draw(0, key, d, (4, 8, 8), LAW)[0]
+    assert first["t"].dtype == torch.float64
     assert torch.isfinite(first["ref_err_w"]).all() and (first["ref_err_w"] > 0).all()
 
     _ok(_precompute(cfg, tmp_path / "two", nproc=2))
@@ -148,13 +150,13 @@ def _load(cfg_path: Path, *overrides: str):
     from dpo_ds.reference import CachedReference, fingerprint, folder_weights_hash, weights_hash
 
     cfg = load_config(str(cfg_path), ["--reference.mode=cache", *overrides])
-    spec = models.family("sdxl")
+    family = models.build(cfg)
     if cfg.reference.pretrained_path is not None:
-        ref_hash = folder_weights_hash(spec, cfg.reference.pretrained_path)
+        ref_hash = folder_weights_hash(family, cfg.reference.pretrained_path)
     else:
         torch.manual_seed(cfg.seed)
-        ref_hash = weights_hash(spec.load_denoiser(cfg.model.pretrained_path, None).state_dict())
-    return CachedReference.load(cfg, fingerprint(cfg, list_shards(cfg.data.shards), ref_hash, 0, "fp32"), 1000)
+        ref_hash = weights_hash(family.load_denoiser(cfg.model.pretrained_path, None).state_dict())
+    return CachedReference.load(cfg, fingerprint(cfg, family, list_shards(cfg.data.shards), ref_hash, 0, "fp32"))
 
 
 @pytest.mark.slow
@@ -169,7 +171,7 @@ def test_cache_refused_for_other_weights_shards_seed(cached, small, tmp_path):
                              ([f"--reference.pretrained_path={other_model}"], "field 'reference_weights' differs"),
                              ([f"--data.shards=[{small}/shards/shard-000000.tar,{small}/shards/shard-000001.tar]"],
                               "shard shard-000002.tar is in the cache but not in this run"),
-                             (["--data.timestep_range=[0,500]"], "field 'timestep_range' differs")]:
+                             (["--data.timestep_range=[0,500]"], "field 'draw_law' differs")]:
         with pytest.raises(ValueError, match="does not match this run") as err:
             _load(cfg, *overrides)
         assert words in str(err.value), str(err.value)
@@ -181,7 +183,6 @@ def test_cache_refused_for_other_weights_shards_seed(cached, small, tmp_path):
 def test_missing_key_is_an_error_and_cached_draws_are_found(cached, tmp_path):
     import shutil
 
-    from dpo_ds import noise
     from dpo_ds.reference import read_shard_metadata, write_shard_cache
     from safetensors.torch import load_file
 
@@ -196,9 +197,10 @@ def test_missing_key_is_an_error_and_cached_draws_are_found(cached, tmp_path):
     ref = _load(cfg, f"--reference.cache_dir={copy}")
 
     def batch(pair_keys, draw_index):
-        draws = [noise.draw(0, k, draw_index, (4, 8, 8), 1000) for k in pair_keys]
+        draws = [noise.draw(0, k, draw_index, (4, 8, 8), LAW) for k in pair_keys]
         return {"keys": pair_keys, "draw_index": torch.full((len(pair_keys),), draw_index),
-                "timesteps": torch.tensor([t for t, _ in draws]), "noise": torch.stack([n for _, n in draws])}
+                "t": torch.tensor([t for t, _ in draws], dtype=torch.float64),
+                "noise": torch.stack([n for _, n in draws])}
 
     with pytest.raises(ValueError, match=f"no entry for pair '{keys[0]}'"):
         ref.errors(batch(keys[:2], 0), None, None, None)
@@ -206,8 +208,8 @@ def test_missing_key_is_an_error_and_cached_draws_are_found(cached, tmp_path):
     late = batch(kept, 1)  # what the loader yields in epoch 3 of a 2-draw cache (tests/test_data.py)
     r_w, _ = ref.errors(late, None, None, None)
     assert torch.equal(r_w, tensors["ref_err_w"][1:, 1])
-    with pytest.raises(ValueError, match="has timestep"):
-        ref.errors({**late, "timesteps": late["timesteps"] + 1}, None, None, None)
+    with pytest.raises(ValueError, match="has t = "):
+        ref.errors({**late, "t": late["t"] + 1}, None, None, None)
 
 
 # ---------------------------------------------------------------- training

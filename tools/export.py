@@ -53,7 +53,7 @@ def resolve_tag(ckpt_dir: str, tag: str) -> str:
 
 def denoiser_config(cfg: RunConfig, config_path: str) -> dict:
     """The denoiser's diffusers config, from where the run built its model."""
-    spec = models.family(cfg.model.family)
+    spec = models.family_class(cfg.model.family)
     try:
         spec.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
     except ValueError as e:
@@ -72,7 +72,7 @@ def export(run_dir: str, tag: str, out: str | None, dtype: str, config_path: str
         raise ValueError(f"{config_path} does not exist: --run must be a training run's output_dir "
                          "(or pass --config with the run's config.yaml)")
     cfg = load_config(config_path, overrides)
-    spec = models.family(cfg.model.family)
+    spec = models.family_class(cfg.model.family)
     unet_config = denoiser_config(cfg, config_path)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     tag = resolve_tag(ckpt_dir, tag)

@@ -1,9 +1,9 @@
-"""Write shards of random latent pairs and a tiny SDXL-shaped model, for demos and tests.
+"""Write shards of random latent pairs and a tiny model of a family (`--family`, default sdxl), for demos and tests.
 
 Writes (DESIGN.md §4 format):
-  OUT/shards/shard-NNNNNN.tar, OUT/shards/index.json   random latent pairs + SDXL conditioning
-  OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   a tiny UNet2DConditionModel
-  OUT/model/scheduler/scheduler_config.json                          SDXL's training scheduler
+  OUT/shards/shard-NNNNNN.tar, OUT/shards/index.json   random latent pairs + the family's conditioning
+  OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   the family's tiny UNet2DConditionModel
+  OUT/model/scheduler/scheduler_config.json                          the family's training scheduler
 
 Deterministic: the same arguments give byte-identical shards and weights.
 """
@@ -18,30 +18,37 @@ import sys
 import torch
 
 from dpo_ds.data import ShardWriter
-from dpo_ds.models import sdxl
+from dpo_ds.models import FAMILIES, sd15, sdxl
+
+# family -> (its tiny UNet config, its training scheduler)
+TINY = {"sdxl": (sdxl.TINY_UNET_CONFIG, sdxl.SDXL_SCHEDULER_CONFIG),
+        "sd15": (sd15.TINY_UNET_CONFIG, sd15.SD15_SCHEDULER_CONFIG)}
 
 
-def write_model(out_dir: str, seed: int, unet_config: dict | None = None) -> str:
+def write_model(out_dir: str, seed: int, unet_config: dict | None = None, family: str = "sdxl") -> str:
     """Save a freshly initialised tiny UNet and the scheduler config as a diffusers folder."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(unet_config or sdxl.TINY_UNET_CONFIG)
+    unet = UNet2DConditionModel.from_config(unet_config or TINY[family][0])
     unet.save_pretrained(os.path.join(out_dir, "unet"), safe_serialization=True)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(sdxl.SDXL_SCHEDULER_CONFIG, f, indent=2)
+        json.dump(TINY[family][1], f, indent=2)
     return out_dir
 
 
 def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resolution: int, seed: int,
-                 unet_config: dict | None = None, vae_scale_factor: int = 8, signal: float = 0.0) -> str:
+                 unet_config: dict | None = None, vae_scale_factor: int = 8, signal: float = 0.0,
+                 family: str = "sdxl") -> str:
     """Random pairs whose tensors match what `unet_config` expects.
 
     signal > 0 gives the pairs a learnable preference: latent channel 0 is
     shifted by +signal in winners and by -signal in losers.
     """
-    schema = sdxl.sample_schema(unet_config or sdxl.TINY_UNET_CONFIG, resolution, vae_scale_factor)
+    unet_config, scheduler_config = unet_config or TINY[family][0], TINY[family][1]
+    spec = FAMILIES[family](scheduler_config, None, resolution, vae_scale_factor)
+    schema = spec.sample_schema(unet_config)
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(out_dir, max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
@@ -49,10 +56,11 @@ def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resoluti
                        for name, shape in schema.items() if not name.startswith("time_ids")}
             tensors["latents_w"][0] += signal
             tensors["latents_l"][0] -= signal
-            for side in ("w", "l"):
-                h = w = resolution
-                tensors[f"time_ids_{side}"] = torch.tensor([h, w, 0, 0, resolution, resolution], dtype=torch.float32)
-            meta = {"caption": f"synthetic pair {i}", "family": "sdxl", "latent_layout": sdxl.LATENT_LAYOUT,
+            for name in schema:
+                if name.startswith("time_ids"):  # SDXL's: original size, crop top-left, target size
+                    tensors[name] = torch.tensor([resolution, resolution, 0, 0, resolution, resolution],
+                                                 dtype=torch.float32)
+            meta = {"caption": f"synthetic pair {i}", "family": family, "latent_layout": spec.LATENT_LAYOUT,
                     "scaling_factor": 0.13025, "shift_factor": None, "label": 1.0,
                     "source": {"tool": "make_synthetic", "seed": seed, "index": i}}
             writer.write(f"pair{i:08d}", meta, tensors)
@@ -66,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-per-shard", type=int, default=16)
     p.add_argument("--resolution", type=int, default=64, help="pixel resolution; latents are resolution/8 per side")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=sorted(TINY), default="sdxl", help="model family of the model and shards")
     p.add_argument("--signal", type=float, default=0.0,
                    help="shift of latent channel 0, + in winners and - in losers (0: no learnable preference)")
     args = p.parse_args(argv)
-    write_model(os.path.join(args.out, "model"), args.seed)
+    write_model(os.path.join(args.out, "model"), args.seed, family=args.family)
     write_shards(os.path.join(args.out, "shards"), num_pairs=args.num_pairs, pairs_per_shard=args.pairs_per_shard,
-                 resolution=args.resolution, seed=args.seed, signal=args.signal)
+                 resolution=args.resolution, seed=args.seed, signal=args.signal, family=args.family)
     print(f"wrote {args.num_pairs} pairs to {args.out}/shards and a tiny model to {args.out}/model")
     return 0
 

@@ -1,9 +1,10 @@
 """Precompute the reference cache: the frozen reference's errors r_w, r_l for every pair and draw 0..K-1.
 
 Reads the training run's config (same YAML, same --section.key=value overrides) and its shards, and
-makes for every pair and draw index exactly the draw training makes (dpo_ds.noise.draw with the
-run's seed), the same noising and target (dpo_ds.models.noisy_pair) and the same error
-(dpo_ds.models.pair_errors), in the run's precision, under no_grad, at a batch size of its own.
+makes for every pair and draw index exactly the draw training makes (dpo_ds.data.collate_pairs with the
+run's seed and the family's law of t), the same noising and target (Family.noisy_pair) and the same
+prediction and error (Family.predict, Family.error), in the run's precision, under no_grad, at a batch
+size of its own.
 
 Writes (format: the docstring of dpo_ds/reference.py; DESIGN.md §5):
   CACHE_DIR/<shard name>.ref.safetensors   one per shard: shard i (by name) is computed by rank i mod world size,
@@ -30,8 +31,7 @@ from tqdm import tqdm
 from dpo_ds import engine, launchenv, models
 from dpo_ds.config import load_config, training_dtype
 from dpo_ds.data import BadSample, ShardInfo, collate_pairs, decode_sample, list_shards, tar_samples
-from dpo_ds.models import noisy_pair, pair_errors
-from dpo_ds.noise import NoiseSchedule
+from dpo_ds.models.family import Family
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256,
                               folder_weights_hash, read_shard_metadata, weights_hash, write_shard_cache)
 
@@ -55,16 +55,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def build_reference(cfg, spec, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+def build_reference(cfg, family: Family, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
     """The reference exactly as training defines it, and its weights hash (dpo_ds.reference.weights_hash)."""
     if cfg.reference.pretrained_path is not None:
-        model = spec.load_denoiser(cfg.reference.pretrained_path, None)
-        ref_hash = folder_weights_hash(spec, cfg.reference.pretrained_path)
+        model = family.load_denoiser(cfg.reference.pretrained_path, None)
+        ref_hash = folder_weights_hash(family, cfg.reference.pretrained_path)
     else:
         torch.manual_seed(cfg.seed)  # the trainer's init of a from-config policy, hence of its reference
-        model = spec.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
+        model = family.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
         ref_hash = weights_hash(model.state_dict())
-    spec.set_attention(model, cfg.model.attention)
+    family.set_attention(model, cfg.model.attention)
     model.requires_grad_(False)
     model.to(device)
     if dtype != torch.float32:  # diffusers warns on any .to(dtype), even a no-op one
@@ -72,14 +72,14 @@ def build_reference(cfg, spec, device: torch.device, dtype: torch.dtype) -> tupl
     return model.eval(), ref_hash
 
 
-def _batch(samples: list[dict], draw_index: int, cfg, num_train_timesteps: int, device: torch.device) -> dict:
+def _batch(samples: list[dict], draw_index: int, cfg, family: Family, device: torch.device) -> dict:
     """Pairs at one draw index, batched exactly as training batches them (dpo_ds.data.collate_pairs)."""
-    batch = collate_pairs(samples, draw_index, cfg.seed, num_train_timesteps, cfg.data.timestep_range)
+    batch = collate_pairs(samples, draw_index, cfg.seed, family.draw_t)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
-def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, spec, schema: dict, schedule: NoiseSchedule,
+def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, family: Family, schema: dict,
                   num_draws: int, batch_size: int, dtype: torch.dtype, store_eps: bool,
                   progress: tqdm) -> tuple[list[str], dict[str, torch.Tensor], int]:
     """(keys, tensors of the shard's cache file, number of bad pairs skipped) for one shard."""
@@ -91,29 +91,27 @@ def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, spec, schema: d
             log.warning("bad pair %s in shard %s: %s; skipped", key, shard.url, e)
             num_bad += 1
     n, device = len(samples), next(model.parameters()).device
-    out = {"timesteps": torch.zeros(n, num_draws, dtype=torch.long),
+    out = {"t": torch.zeros(n, num_draws, dtype=torch.float64),
            "ref_err_w": torch.zeros(n, num_draws), "ref_err_l": torch.zeros(n, num_draws)}
     if store_eps and n:
         shape = tuple(samples[0]["tensors"]["latents_w"].shape)
         out["eps_w"], out["eps_l"] = (torch.zeros(n, num_draws, *shape, dtype=torch.bfloat16) for _ in range(2))
-    captured: list[torch.Tensor] = []
-    hook = model.register_forward_hook(lambda mod, inp, output: captured.append(output[0])) if store_eps else None
     for draw_index in range(num_draws):
         for start in range(0, n, batch_size):
-            batch = _batch(samples[start:start + batch_size], draw_index, cfg, schedule.num_train_timesteps, device)
-            x_t, target, t = noisy_pair(batch, schedule)
-            err_w, err_l = pair_errors(spec, model, batch, x_t, target, t, dtype)
+            batch = _batch(samples[start:start + batch_size], draw_index, cfg, family, device)
+            x_t, target, t = family.noisy_pair(batch)
+            # Family.pair_errors, split open to keep the prediction for --store-eps.
+            pred = family.predict(model, x_t, t, batch, dtype)
+            err_w, err_l = family.error(pred, target, t).chunk(2)
             rows = slice(start, start + len(batch["keys"]))
-            out["timesteps"][rows, draw_index] = batch["timesteps"].cpu()
+            out["t"][rows, draw_index] = batch["t"].cpu()
             out["ref_err_w"][rows, draw_index] = err_w.float().cpu()
             out["ref_err_l"][rows, draw_index] = err_l.float().cpu()
             if store_eps:
-                eps_w, eps_l = captured.pop().chunk(2)
+                eps_w, eps_l = pred.chunk(2)
                 out["eps_w"][rows, draw_index] = eps_w.to("cpu", torch.bfloat16)
                 out["eps_l"][rows, draw_index] = eps_l.to("cpu", torch.bfloat16)
             progress.update(len(batch["keys"]))
-    if hook is not None:
-        hook.remove()
     return [s["key"] for s in samples], out, num_bad
 
 
@@ -133,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir = args.cache_dir or cfg.reference.cache_dir
         if not cache_dir:
             raise ValueError("no output folder: pass --cache-dir or set reference.cache_dir in the config")
-        spec = models.family(cfg.model.family)
-        spec.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
+        family = models.build(cfg)
         shards = sorted(list_shards(cfg.data.shards), key=lambda s: os.path.basename(s.url))
         names = [os.path.basename(s.url) for s in shards]
         if len(set(names)) != len(names):
@@ -147,12 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size, device = engine.rank(), engine.world_size(), engine.device()
     dtype_name = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
     dtype = DTYPES[dtype_name]
-    schedule = NoiseSchedule.from_config(models.load_scheduler_config(cfg.model.pretrained_path,
-                                                                      cfg.model.scheduler_config),
-                                         cfg.model.prediction_type)
-    model, ref_hash = build_reference(cfg, spec, device, dtype)
-    schema = spec.sample_schema(dict(model.config), cfg.data.resolution, cfg.model.vae_scale_factor)
-    fp = fingerprint(cfg, shards, ref_hash, args.num_draws, dtype_name)
+    model, ref_hash = build_reference(cfg, family, device, dtype)
+    schema = family.sample_schema(dict(model.config))
+    fp = fingerprint(cfg, family, shards, ref_hash, args.num_draws, dtype_name)
     digest = fingerprint_sha256(fp)
 
     os.makedirs(cache_dir, exist_ok=True)
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     disable=rank != 0 or args.no_progress, desc="reference (rank 0)")
     for shard in todo:
         name = os.path.basename(shard.url)
-        keys, tensors, num_bad = compute_shard(shard, model, cfg, spec, schema, schedule, args.num_draws,
+        keys, tensors, num_bad = compute_shard(shard, model, cfg, family, schema, args.num_draws,
                                                args.batch_size, dtype, args.store_eps, progress)
         write_shard_cache(os.path.join(cache_dir, name + FILE_SUFFIX), name, keys, tensors, digest,
                           extra={"num_bad": str(num_bad), "has_eps": json.dumps(args.store_eps)})

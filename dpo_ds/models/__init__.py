@@ -1,27 +1,22 @@
-"""Model families, and the family-independent way to get a pair's errors.
+"""Model families behind one interface (dpo_ds/models/family.py), and building the run's family.
 
-Each family module (one per family: `sdxl`, ...) provides LATENT_LAYOUT,
-DENOISER_SUBFOLDER, load_denoiser, set_attention, sample_schema, predict and
-export. Nothing here knows about DeepSpeed: `model` below is any callable
-module, a bare one or an engine wrapping it.
+One module per family (`sdxl`, `sd15`, ...). Nothing here knows about DeepSpeed: a family's
+`errors` takes any callable module, a bare one or an engine wrapping it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from types import ModuleType
 
-import torch
+from dpo_ds.models.family import Family
+from dpo_ds.models.sd15 import SD15
+from dpo_ds.models.sdxl import SDXL
 
-from dpo_ds.losses import per_sample_error
-from dpo_ds.noise import NoiseSchedule
-from dpo_ds.models import sdxl
-
-FAMILIES: dict[str, ModuleType] = {"sdxl": sdxl}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15}
 
 
-def family(name: str) -> ModuleType:
+def family_class(name: str) -> type[Family]:
     if name not in FAMILIES:
         raise ValueError(f"model.family {name!r} is not one of {sorted(FAMILIES)}")
     return FAMILIES[name]
@@ -35,20 +30,9 @@ def load_scheduler_config(pretrained_path: str | None, scheduler_config: str | N
         return json.load(f)
 
 
-def noisy_pair(batch: dict, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noise winner and loser with the pair's shared draw.
-
-    Returns x_t [2B x ...] (winners then losers), the target [2B x ...], timesteps [2B].
-    """
-    x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
-    noise = batch["noise"].repeat(2, *([1] * (batch["noise"].ndim - 1)))
-    t = batch["timesteps"].repeat(2)
-    return schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t), t
-
-
-def pair_errors(spec: ModuleType, model, batch: dict, x_t: torch.Tensor, target: torch.Tensor,
-                t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample errors [B] of `model` on winners and losers (one forward of 2B samples)."""
-    pred = spec.predict(model, x_t.to(dtype), t, batch)
-    err = per_sample_error(pred, target)
-    return err.chunk(2)
+def build(cfg) -> Family:
+    """The run's family (cfg: a RunConfig), its scheduler config read once; raises ValueError naming the setting."""
+    cls = family_class(cfg.model.family)
+    cls.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
+    scheduler = load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
+    return cls.from_settings(cfg.model, cfg.data, scheduler)

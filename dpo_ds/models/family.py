@@ -1,0 +1,114 @@
+"""The model-family contract: everything that differs between SDXL, SD 1.5, video UNets and transformers.
+
+Legend: B = pairs in a batch; the denoiser runs on 2B samples, winners then losers, at the pairs'
+shared draws; `...` = the family's latent layout (CHW or CFHW).
+
+The trainer, the reference (live or cached), the precompute tool and the data reader call only this
+interface, so adding a family adds a module under dpo_ds/models/ and touches nothing else. A family
+is built once per run from the run's model and data settings (dpo_ds.models.build) and owns:
+
+  the denoiser     check_source, load_denoiser, set_attention, export
+  the schema       sample_schema: every tensor a shard sample must carry, and its shape
+  the draw's law   draw_t: the pair's value t (DDPM: an integer timestep as a float; flow and EDM:
+                   σ) from the pair's seeded generator; draw_law: that law as JSON, for fingerprints;
+                   noise_level: t mapped to [0, 1] (0 clean, 1 pure noise), for diagnostics
+  noising          noisy: x0, noise, t -> the denoiser's input and its training target
+  the prediction   predict: the network run on the 2B samples, its output turned into the prediction
+                   of the target (preconditioning included); conditioning assembled for the 2B
+                   batch from the batch's tensors
+  the error        error: prediction vs target reduced to a per-sample error, the mean over
+                   non-batch dimensions (times any loss weight the family defines)
+
+Subclasses set NAME, LATENT_LAYOUT and DENOISER_SUBFOLDER.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from dpo_ds.losses import per_sample_error
+
+
+class Family(ABC):
+    NAME: ClassVar[str]
+    LATENT_LAYOUT: ClassVar[str]        # "CHW" (images) or "CFHW" (videos)
+    DENOISER_SUBFOLDER: ClassVar[str]   # the diffusers folder's "unet" or "transformer"
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, model, data, scheduler_config: dict) -> "Family":
+        """The family for a run's model and data sections (dpo_ds.config) and its scheduler config."""
+
+    # ------------------------------------------------------------ the denoiser
+
+    @staticmethod
+    @abstractmethod
+    def check_source(pretrained_path: str | None, config_path: str | None) -> None:
+        """Raise ValueError naming the path when the denoiser cannot be found."""
+
+    @staticmethod
+    @abstractmethod
+    def load_denoiser(pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
+        """The denoiser from a local diffusers folder, or freshly built from a config.json (fp32)."""
+
+    @staticmethod
+    @abstractmethod
+    def set_attention(denoiser: torch.nn.Module, kind: str) -> None:
+        """Use the attention kernel `kind` ("sdpa" or "xformers")."""
+
+    @staticmethod
+    @abstractmethod
+    def export(state_dict: dict[str, torch.Tensor], denoiser_config: dict, out_dir: str, dtype: torch.dtype) -> None:
+        """Write trained weights as a diffusers folder that the denoiser class's from_pretrained loads."""
+
+    # ------------------------------------------------------------ data
+
+    @abstractmethod
+    def sample_schema(self, denoiser_config: dict) -> dict[str, tuple[int, ...] | None]:
+        """Tensor names -> shapes that every shard sample must carry (None: any shape)."""
+
+    # ------------------------------------------------------------ the draw and the forward process
+
+    @abstractmethod
+    def draw_t(self, g: torch.Generator) -> float:
+        """The pair's t from its generator; called before the noise is drawn from the same generator."""
+
+    @abstractmethod
+    def draw_law(self) -> dict:
+        """The law of t and the forward process, as plain JSON: what a cached draw depends on."""
+
+    @abstractmethod
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """[N] t -> [N] float64 in [0, 1]: how noisy x_t is (0 clean, 1 pure noise)."""
+
+    @abstractmethod
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, target), both [N x ...], for x0, noise [N x ...] and t [N]."""
+
+    @abstractmethod
+    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+        """[2B x ...] prediction of the target by `model` (a bare module or an engine) at x_t [2B x ...], t [2B],
+        computed in `dtype`."""
+
+    def error(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[2B] float32 per-sample error: the mean squared error over non-batch dimensions. A family with a
+        loss weight per noise level (EDM's λ(σ)) multiplies it here."""
+        return per_sample_error(pred, target)
+
+    # ------------------------------------------------------------ shared by every family
+
+    def noisy_pair(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Winner and loser noised with the pair's shared draw: x_t, target [2B x ...] and t [2B]."""
+        x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
+        noise = batch["noise"].repeat(2, *([1] * (batch["noise"].ndim - 1)))
+        t = batch["t"].repeat(2)
+        x_t, target = self.noisy(x0, noise, t)
+        return x_t, target, t
+
+    def pair_errors(self, model, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample errors [B], [B] of `model` on winners and losers (one forward of 2B samples)."""
+        return self.error(self.predict(model, x_t, t, batch, dtype), target, t).chunk(2)

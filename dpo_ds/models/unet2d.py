@@ -1,0 +1,109 @@
+"""What SDXL and SD 1.5/2.x share: a diffusers UNet2DConditionModel on CHW latents, trained with the
+DDPM forward process (ε or v prediction) at an integer timestep drawn uniformly from the pair's
+generator. A subclass adds its conditioning (sample_schema, unet_kwargs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from abc import abstractmethod
+
+import torch
+
+from dpo_ds.models.family import Family
+from dpo_ds.noise import DDPMProcess, uniform_timestep
+
+
+class DDPMUNet2D(Family):
+    LATENT_LAYOUT = "CHW"
+    DENOISER_SUBFOLDER = "unet"
+
+    def __init__(self, scheduler_config: dict, prediction_type: str | None, resolution: int, vae_scale_factor: int,
+                 timestep_range: tuple[int, int] | None = None):
+        self.scheduler_config = dict(scheduler_config)
+        self.process = DDPMProcess.from_config(scheduler_config, prediction_type)
+        num = self.process.num_train_timesteps
+        self.timestep_range = tuple(timestep_range) if timestep_range else (0, num)
+        lo, hi = self.timestep_range
+        if not 0 <= lo < hi <= num:
+            raise ValueError(f"data.timestep_range {[lo, hi]} must satisfy 0 <= lo < hi <= {num} "
+                             "(the scheduler's num_train_timesteps)")
+        if resolution % vae_scale_factor:
+            raise ValueError(f"data.resolution {resolution} is not a multiple of model.vae_scale_factor "
+                             f"{vae_scale_factor}")
+        self.latent_side = resolution // vae_scale_factor
+
+    @classmethod
+    def from_settings(cls, model, data, scheduler_config: dict) -> "DDPMUNet2D":
+        return cls(scheduler_config, model.prediction_type, data.resolution, model.vae_scale_factor,
+                   data.timestep_range)
+
+    # ------------------------------------------------------------ the denoiser
+
+    @classmethod
+    def check_source(cls, pretrained_path: str | None, config_path: str | None) -> None:
+        if config_path is not None:
+            if not os.path.isfile(config_path):
+                raise ValueError(f"model.unet_config: {config_path} does not exist")
+        elif not os.path.isfile(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER, "config.json")):
+            raise ValueError(f"model.pretrained_path: {pretrained_path} has no {cls.DENOISER_SUBFOLDER}/config.json; "
+                             "point it at a diffusers model folder (the one holding unet/, vae/, scheduler/)")
+
+    @classmethod
+    def load_denoiser(cls, pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        cls.check_source(pretrained_path, config_path)
+        if config_path is not None:
+            with open(config_path) as f:
+                return UNet2DConditionModel.from_config(json.load(f))
+        return UNet2DConditionModel.from_pretrained(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER),
+                                                    torch_dtype=torch.float32)
+
+    @staticmethod
+    def set_attention(unet: torch.nn.Module, kind: str) -> None:
+        """SDPA is diffusers' default processor; xformers must be installed to be asked for."""
+        if kind == "xformers":
+            if importlib.util.find_spec("xformers") is None:
+                raise ValueError("model.attention=xformers but xformers is not installed: "
+                                 "`pip install -e .[xformers]`, or use model.attention=sdpa")
+            unet.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            unet.set_attn_processor(AttnProcessor2_0())
+
+    @staticmethod
+    def export(state_dict: dict[str, torch.Tensor], unet_config: dict, out_dir: str, dtype: torch.dtype) -> None:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config(unet_config)
+        unet.load_state_dict(state_dict, strict=True)
+        if dtype != torch.float32:
+            unet = unet.to(dtype)
+        unet.save_pretrained(out_dir, safe_serialization=True)
+
+    # ------------------------------------------------------------ the draw and the forward process
+
+    def draw_t(self, g: torch.Generator) -> float:
+        return uniform_timestep(g, *self.timestep_range)
+
+    def draw_law(self) -> dict:
+        return {"t": "uniform integer timestep", "timestep_range": list(self.timestep_range),
+                "scheduler": self.scheduler_config, "prediction_type": self.process.prediction_type}
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        return t.double() / self.process.num_train_timesteps
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.process.add_noise(x0, noise, t), self.process.target(x0, noise, t)
+
+    def predict(self, unet, x_t: torch.Tensor, t: torch.Tensor, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+        # The network's output is the prediction (ε or v); it embeds the integer timestep, as in pre-training.
+        return unet(x_t.to(dtype), t.long(), **self.unet_kwargs(batch, dtype), return_dict=False)[0]
+
+    @abstractmethod
+    def unet_kwargs(self, batch: dict, dtype: torch.dtype) -> dict:
+        """The UNet's conditioning arguments for the 2B samples (winners, then losers), in `dtype`."""
