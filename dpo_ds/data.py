@@ -419,6 +419,12 @@ class PairLoader:
             raise ValueError(f"num_draws must be >= 1, got {num_draws}")
         self.num_draws = num_draws
         self.num_slots_per_rank = max(num_workers, 1)  # num_workers=0 reads in-process, as one slot
+        # The position of batches() (state_dict): this rank's pairs of the current epoch by shard url, and
+        # the pairs the epoch's plan leaves out (None: the loader's own plan).
+        self.epoch_index, self.batch_in_epoch, self.epoch_num_batches = 0, 0, 0
+        self.consumed: dict[str, list[str]] = {}
+        self.excluded: dict[str, list[str]] | None = None
+        self.pairs_read = self.pairs_bad = 0  # this rank's, good and bad (summed over ranks when judged)
 
         # Slot s holds len(range(s, n, S)) shards whatever the shuffle; its worst case is the
         # smallest ones. Per-slot floors make this a lower bound on every rank's batches.
@@ -514,6 +520,81 @@ class PairLoader:
             num_yielded += 1
             yield batch
         assert num_yielded == num_batches - skip_batches, (num_yielded, num_batches, skip_batches)
+
+
+    # ------------------------------------------------------------ the position, epoch after epoch
+
+    def batches(self) -> Iterator[dict]:
+        """This rank's batches from the current position on, epoch after epoch, advancing the position
+        (state_dict) as each batch is handed out. One of these per run: it is the loader's own cursor."""
+        while True:
+            self.epoch_num_batches = self.num_batches(self.excluded)
+            for batch in self.epoch(self.epoch_index, skip_batches=self.batch_in_epoch, exclude=self.excluded):
+                # Advanced now, before the batch is trained: the generator moves to the next epoch lazily.
+                self.batch_in_epoch += 1
+                for url, key in zip(batch["shard_urls"], batch["keys"]):
+                    self.consumed.setdefault(url, []).append(key)
+                # Repeats that pad a short batch were read once already; they are not pairs read again.
+                self.pairs_read += len(batch["keys"]) - batch["num_padded"] + batch["num_bad"]
+                self.pairs_bad += batch["num_bad"]
+                yield batch
+            self.epoch_index += 1
+            self.batch_in_epoch = 0
+            self.consumed, self.excluded = {}, None
+
+    def state_dict(self) -> dict:
+        """This rank's position as plain JSON: the epoch, its batches and pairs consumed here, the pairs the
+        epoch's plan leaves out (rank 0 writes them; every rank has the same), and the read / bad counts."""
+        return {"epoch": self.epoch_index, "batch_in_epoch": self.batch_in_epoch,
+                "epoch_num_batches": self.epoch_num_batches, "consumed": self.consumed,
+                "excluded": self.excluded if self.rank == 0 else None,
+                "pairs_read": self.pairs_read, "pairs_bad": self.pairs_bad}
+
+    def ranks_to_load(self, saved_world_size: int) -> list[int]:
+        """Whose saved states load_state_dict needs: this rank's and rank 0's on the same world size, else all."""
+        return sorted({self.rank, 0}) if saved_world_size == self.world_size else list(range(saved_world_size))
+
+    def load_state_dict(self, saved: dict[int, dict], saved_world_size: int) -> None:
+        """Restore the position from the states the ranks of a checkpoint saved (by rank; ranks_to_load says which).
+
+        On the world size that saved them the position is exact (epoch, batches consumed), so the run
+        goes on bitwise. On another, the epoch goes on with a plan that leaves out every pair the old
+        ranks consumed in it, dealt afresh to the new ranks; no pair is trained twice in an epoch.
+        """
+        mine = saved[self.rank] if saved_world_size == self.world_size else saved[0]
+        self.epoch_index, self.batch_in_epoch = mine["epoch"], mine["batch_in_epoch"]
+        self.epoch_num_batches = mine["epoch_num_batches"]
+        if saved_world_size == self.world_size:
+            self.consumed, self.excluded = mine["consumed"], saved[0]["excluded"]
+            self.pairs_read, self.pairs_bad = mine["pairs_read"], mine["pairs_bad"]
+        else:
+            states = [saved[r] for r in range(saved_world_size)]
+            assert all(s["epoch"] == self.epoch_index for s in states), [s["epoch"] for s in states]
+            # The old ranks' counts are summed into rank 0's, so the bad fraction's sum over ranks is unchanged.
+            self.pairs_read = sum(s["pairs_read"] for s in states) if self.rank == 0 else 0
+            self.pairs_bad = sum(s["pairs_bad"] for s in states) if self.rank == 0 else 0
+            self.consumed, self.excluded = {}, None
+            if self.batch_in_epoch < self.epoch_num_batches:
+                excluded: dict[str, set[str]] = {}
+                for keys_by_url in [states[0]["excluded"] or {}] + [s["consumed"] for s in states]:
+                    for url, keys in keys_by_url.items():
+                        excluded.setdefault(url, set()).update(keys)
+                self.excluded = {url: sorted(keys) for url, keys in excluded.items()}
+                if self.rank == 0:
+                    log.info("world size %d -> %d: epoch %d goes on without the %d pairs trained in it so far: %d "
+                             "micro-batches per rank, %d pairs left over", saved_world_size, self.world_size,
+                             self.epoch_index, sum(len(k) for k in excluded.values()),
+                             self.num_batches(self.excluded), self.num_left_over(self.excluded))
+            else:
+                self.epoch_index += 1  # the old ranks finished the epoch; its leftover stays left over
+                if self.rank == 0:
+                    log.info("world size %d -> %d at the end of an epoch: epoch %d starts afresh",
+                             saved_world_size, self.world_size, self.epoch_index)
+            self.batch_in_epoch = 0
+        if self.batch_in_epoch >= self.num_batches(self.excluded):
+            self.epoch_index += 1
+            self.batch_in_epoch = 0
+            self.consumed, self.excluded = {}, None
 
 
 class _EpochPairs(IterableDataset):

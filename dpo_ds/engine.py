@@ -27,6 +27,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint import ds_to_universal
 
+from dpo_ds import launchenv
 from dpo_ds.config import OptimConfig
 
 log = logging.getLogger("dpo_ds")
@@ -41,19 +42,19 @@ UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the process group (gloo on CPU, nccl on NVIDIA GPUs); a single process forms a group of one.
 
-    Ranks come from the launcher: RANK/WORLD_SIZE (deepspeed, torchrun), SLURM_* (srun), or mpi4py
-    (mpirun). A rank that dies makes its peers' collectives fail (gloo at once, nccl after
+    Ranks come from the launcher, as dpo_ds.launchenv reads it: RANK/WORLD_SIZE (deepspeed, torchrun),
+    srun's job-step variables, or mpi4py (mpirun). A rank that dies makes its peers' collectives fail (gloo at once, nccl after
     `timeout_minutes`), and every launcher then ends the job.
     """
-    if "RANK" not in os.environ:
-        if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
-            _env_from_slurm()
-        elif "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
-            _env_from_mpi()
-        else:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    kind = launchenv.launcher()
+    if kind == "srun":
+        _env_from_slurm()
+    elif kind in ("openmpi", "mpi"):
+        _env_from_mpi()
+    elif kind is None:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
     if not has_gpu():
         clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
@@ -116,8 +117,8 @@ def _env_from_slurm() -> None:
                                check=True, capture_output=True, text=True).stdout.split()
         os.environ["MASTER_ADDR"] = hosts[0]
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
-    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                      LOCAL_RANK=os.environ["SLURM_LOCALID"])
+    rank, world_size, local_rank = launchenv.rank_world_local()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
 
 
 def _env_from_mpi() -> None:

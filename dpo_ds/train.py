@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
         ds_config = resolve_ds_config(args.deepspeed, cfg, world_size, dtype)
-        models.build(cfg)  # the family's settings: model folder, scheduler, resolution, draw law
+        family = models.build(cfg)  # the family's settings: model folder, scheduler, resolution, draw law
         shards = list_shards(cfg.data.shards)
         if len(shards) < world_size:
             raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         dump_config(cfg, out / "config.yaml")
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     try:
-        state = Trainer(cfg, ds_config, dtype).fit(stop)
+        state = Trainer(cfg, ds_config, dtype, family, shards).fit(stop)
     except ValueError as e:
         print(f"dpo_ds.train: rank {engine.rank()}: error: {e}", file=sys.stderr)
         return 2

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds import engine, models
+from dpo_ds import engine
 from dpo_ds.config import RunConfig
-from dpo_ds.data import PairLoader, list_shards
+from dpo_ds.data import PairLoader, ShardInfo, list_shards
 from dpo_ds.losses import NOISE_BUCKETS, bucket_sums, preference_loss, sft_loss
 from dpo_ds.metrics import Metrics
+from dpo_ds.models.family import Family
 from dpo_ds.reference import CachedReference, LiveReference, folder_weights_hash, fingerprint, weights_hash
 
 log = logging.getLogger("dpo_ds")
@@ -35,16 +36,11 @@ MIN_PAIRS_FOR_BAD_FRACTION = 1000
 
 @dataclass
 class TrainState:
-    """Everything besides weights and optimizer that a resume must restore."""
+    """Everything besides weights, optimizer and the loader's position that a resume must restore."""
     step: int = 0                # optimizer steps taken
     samples_seen: int = 0        # pairs trained on, all ranks
-    epoch: int = 0               # data position: epoch ...
-    batch_in_epoch: int = 0      # ... and micro-batches of it consumed on each rank
-    epoch_num_batches: int = 0   # micro-batches per rank in this epoch's plan (fewer after a world-size change)
     world_size: int = 1          # processes of the run that wrote this state
     num_nonfinite: int = 0       # micro-batches skipped for a non-finite loss
-    pairs_read: int = 0          # this rank's, good and bad (summed over ranks when judged)
-    pairs_bad: int = 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,11 +52,12 @@ class BadDataError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config: dict, dtype: str):
+    def __init__(self, cfg: RunConfig, ds_config: dict, dtype: str, family: Family, shards: list[ShardInfo]):
+        """cfg, ds_config and dtype resolved, family built and shards listed at start-up (dpo_ds.train)."""
         self.cfg = cfg
         self.dtype = DTYPES[dtype]
         self.device = engine.device()
-        self.family = models.build(cfg)
+        self.family = family
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = str(self.out / "checkpoints")
         self.resume_tag = engine.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)  # None: a fresh run
@@ -69,7 +66,6 @@ class Trainer:
         unet = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
         self.family.set_attention(unet, cfg.model.attention)
         self.unet_config = dict(unet.config)
-        shards = list_shards(cfg.data.shards)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
         self.has_warned_cycling = False
@@ -176,7 +172,7 @@ class Trainer:
         is_writer = engine.rank() == 0
         metrics = Metrics(cfg.output_dir, is_writer=is_writer, total_steps=cfg.train.max_steps,
                           start_step=state.step, progress=cfg.logging.progress)
-        batches = self._batches()
+        batches = self.loader.batches()
         self.data_wait = 0.0
         self.nonfinite_in_row = 0
         window = _Window()
@@ -210,31 +206,15 @@ class Trainer:
             self.export()
         return state
 
-    def _batches(self):
-        """Micro-batches from the saved data position on, epoch after epoch; their keys go to self.consumed."""
-        state = self.state
-        while True:
-            if self.has_cache and state.epoch >= self.reference.num_draws and not self.has_warned_cycling:
-                self.has_warned_cycling = True
-                if engine.rank() == 0:
-                    log.warning("reference cache %s holds %d draws per pair; from epoch %d on, draws are reused "
-                                "cyclically (draw index = epoch mod %d)", self.cfg.reference.cache_dir,
-                                self.reference.num_draws, state.epoch, self.reference.num_draws)
-            state.epoch_num_batches = self.loader.num_batches(self.excluded)
-            for batch in self.loader.epoch(state.epoch, skip_batches=state.batch_in_epoch, exclude=self.excluded):
-                for url, key in zip(batch["shard_urls"], batch["keys"]):
-                    self.consumed.setdefault(url, []).append(key)
-                yield batch
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            self.consumed, self.excluded = {}, None
-
     def _next_batch(self, batches) -> dict:
         t0 = time.perf_counter()
         batch = next(batches)
-        self.state.batch_in_epoch += 1  # advanced now: the generator moves to the next epoch lazily
-        self.state.pairs_read += len(batch["keys"]) + batch["num_bad"]
-        self.state.pairs_bad += batch["num_bad"]
+        if self.has_cache and self.loader.epoch_index >= self.reference.num_draws and not self.has_warned_cycling:
+            self.has_warned_cycling = True
+            if engine.rank() == 0:
+                log.warning("reference cache %s holds %d draws per pair; from epoch %d on, draws are reused "
+                            "cyclically (draw index = epoch mod %d)", self.cfg.reference.cache_dir,
+                            self.reference.num_draws, self.loader.epoch_index, self.reference.num_draws)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.data_wait += time.perf_counter() - t0
         return batch
@@ -330,7 +310,7 @@ class Trainer:
                 if k.split("/")[1] in VAL_SCALARS and k.count("/") == 1}
 
     def _check_bad_fraction(self) -> None:
-        counts = engine.all_reduce_sum(torch.tensor([float(self.state.pairs_read), float(self.state.pairs_bad)],
+        counts = engine.all_reduce_sum(torch.tensor([float(self.loader.pairs_read), float(self.loader.pairs_bad)],
                                                     device=self.device))
         read, bad = counts.tolist()
         if bad and read >= min(MIN_PAIRS_FOR_BAD_FRACTION, self.total_pairs) and \
@@ -341,78 +321,40 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self) -> None:
-        """A checkpoint of every rank; each also writes the pairs it consumed in this epoch (its data
-        position in keys, which a resume on another world size needs: batch counts do not transfer)."""
+        """A checkpoint of every rank, each with its loader's position beside it (a resume on another
+        world size reads every old rank's: batch counts do not transfer, the pairs consumed do)."""
         tag = f"step_{self.state.step:08d}"
         self.state.world_size = engine.world_size()
-        position = {"epoch": self.state.epoch, "consumed": self.consumed,
-                    "excluded": self.excluded if engine.rank() == 0 else None,
-                    "pairs_read": self.state.pairs_read, "pairs_bad": self.state.pairs_bad}
         self.policy.save_checkpoint(self.ckpt_dir, tag, {"train_state": asdict(self.state)},
-                                    self.cfg.checkpoint.keep_last, rank_state=position)
+                                    self.cfg.checkpoint.keep_last, rank_state=self.loader.state_dict())
         if engine.rank() == 0:
             log.info("checkpoint %s/%s written", self.ckpt_dir, tag)
 
     def _maybe_resume(self) -> None:
-        """Restore the newest checkpoint, if resuming. On the world size that wrote it, the data
-        position is (epoch, batch_in_epoch), exactly. On another, the epoch goes on with a plan
-        that leaves out every pair the old ranks consumed in it, dealt afresh to the new ranks."""
-        # This rank's pairs of the current epoch by shard url, and the pairs its plan leaves out
-        # (None: the loader's own plan); rank_state beside every checkpoint.
-        self.consumed: dict[str, list[str]] = {}
-        self.excluded: dict[str, list[str]] | None = None
+        """Restore the newest checkpoint, if resuming: weights, optimizer, step counters, the loader's position."""
         tag = self.resume_tag
         if tag is None:
             return
         # Read from the files, as the engine does to choose how to load; TrainState.world_size is a record.
-        rank, world_size = engine.rank(), engine.world_size()
         saved_world_size = engine.checkpoint_world_size(self.ckpt_dir, tag)
-        positions = [engine.read_rank_state(self.ckpt_dir, tag, r) for r in
-                     ([rank, 0] if saved_world_size == world_size else range(saved_world_size))]
-        if saved_world_size != world_size and None in positions:
-            raise ValueError(f"checkpoint {self.ckpt_dir}/{tag} was written before dpo_ds recorded which pairs each "
-                             f"rank trained; resume it on {saved_world_size} processes, as it was written")
-        if saved_world_size != world_size and self.cfg.optim.name == "adafactor":
+        if saved_world_size != engine.world_size() and self.cfg.optim.name == "adafactor":
             raise ValueError(f"checkpoint {self.ckpt_dir}/{tag} was written by {saved_world_size} processes; "
                              "DeepSpeed's universal checkpoint carries Adam's state, not Adafactor's: resume it on "
                              "as many")
         client = self.policy.load_checkpoint(self.ckpt_dir, tag)
-        state = self.state = TrainState(**client["train_state"])
-        if saved_world_size == world_size:
-            if positions[0] is not None:
-                self.consumed, self.excluded = positions[0]["consumed"], positions[1]["excluded"]
-            elif rank == 0:
-                log.warning("checkpoint %s/%s records no pairs per rank (an older dpo_ds): this epoch's pairs before "
-                            "it would be trained again by a resume on another number of processes", self.ckpt_dir, tag)
-        else:
-            assert all(p["epoch"] == state.epoch for p in positions), (state, [p["epoch"] for p in positions])
-            state.pairs_read = sum(p["pairs_read"] for p in positions) if rank == 0 else 0
-            state.pairs_bad = sum(p["pairs_bad"] for p in positions) if rank == 0 else 0
-            if state.batch_in_epoch < state.epoch_num_batches:
-                excluded: dict[str, set[str]] = {}
-                for keys_by_url in [positions[0]["excluded"] or {}] + [p["consumed"] for p in positions]:
-                    for url, keys in keys_by_url.items():
-                        excluded.setdefault(url, set()).update(keys)
-                self.excluded = {url: sorted(keys) for url, keys in excluded.items()}
-                if rank == 0:
-                    log.info("world size %d -> %d: epoch %d goes on without the %d pairs trained in it so far: %d "
-                             "micro-batches per rank, %d pairs left over", saved_world_size, world_size, state.epoch,
-                             sum(len(k) for k in excluded.values()), self.loader.num_batches(self.excluded),
-                             self.loader.num_left_over(self.excluded))
-            else:
-                state.epoch += 1  # the old ranks finished the epoch; its leftover stays left over
-                if rank == 0:
-                    log.info("world size %d -> %d at the end of an epoch: epoch %d starts afresh",
-                             saved_world_size, world_size, state.epoch)
-            state.batch_in_epoch = 0
-            state.world_size = world_size
-        if state.batch_in_epoch >= self.loader.num_batches(self.excluded):
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            self.consumed, self.excluded = {}, None
-        if rank == 0:
+        # Checkpoints of dpo_ds before the loader kept its own position held part of it in train_state.
+        legacy = {k: client["train_state"].pop(k) for k in ("epoch", "batch_in_epoch", "epoch_num_batches",
+                                                            "pairs_read", "pairs_bad") if k in client["train_state"]}
+        self.state = TrainState(**client["train_state"])
+        saved = {r: engine.read_rank_state(self.ckpt_dir, tag, r) for r in self.loader.ranks_to_load(saved_world_size)}
+        if None in saved.values():
+            raise ValueError(f"checkpoint {self.ckpt_dir}/{tag} was written before dpo_ds recorded each rank's data "
+                             "position; resume it with the dpo_ds version that wrote it")
+        self.loader.load_state_dict({r: {**legacy, **s} for r, s in saved.items()}, saved_world_size)
+        self.state.world_size = engine.world_size()
+        if engine.rank() == 0:
             log.info("resumed from %s/%s at step %d (epoch %d, batch %d)", self.ckpt_dir, tag,
-                     state.step, state.epoch, state.batch_in_epoch)
+                     self.state.step, self.loader.epoch_index, self.loader.batch_in_epoch)
 
     def export(self) -> Path:
         """The trained denoiser as a diffusers folder under output_dir/export/."""

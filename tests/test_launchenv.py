@@ -27,10 +27,20 @@ def test_no_launcher_is_one_process(clean_env):
     assert launchenv.rank_world_local() == (0, 1, 0)
 
 
+def test_a_slurm_batch_script_without_srun_is_one_process(clean_env):
+    """sbatch --ntasks=8 sets SLURM_PROCID and SLURM_NTASKS in the batch script too; only srun's step counts."""
+    for name, value in (("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "0")):
+        clean_env.setenv(name, value)
+    clean_env.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    assert launchenv.launcher() is None and launchenv.rank_world_local() == (0, 1, 0)
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "8")
+    assert launchenv.launcher() == "srun" and launchenv.rank_world_local() == (0, 8, 0)
+
+
 def test_torch_style_variables_win_over_the_scheduler(clean_env):
     """Under srun + deepspeed both are set; the one the training processes were started with wins."""
     clean_env.setenv("SLURM_PROCID", "0")
-    clean_env.setenv("SLURM_NTASKS", "1")
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "1")
     clean_env.setenv("RANK", "5")
     clean_env.setenv("WORLD_SIZE", "6")
     assert launchenv.rank_world_local() == (5, 6, 0)

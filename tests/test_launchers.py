@@ -158,6 +158,28 @@ def wait_job(slurm_env: dict, job_id: str, timeout: float, log: Path) -> str:
     pytest.fail(f"job {job_id} still {state} after {timeout} s\n{log.read_text()[-6000:] if log.exists() else ''}")
 
 
+RANK_PROBE = ("from dpo_ds import engine, launchenv; r = launchenv.rank_world_local(); engine.init_distributed(); "
+              "print('PROBE', *r, engine.rank(), engine.world_size(), flush=True); engine.destroy()")
+
+
+def test_slurm_rank_map_with_and_without_srun(slurm, tmp_path):
+    """Inside a 2-task allocation the batch script itself is one process (SLURM_NTASKS=2 there is the
+    allocation's), and srun's two tasks are a group of two; the map the settings are resolved with
+    (launchenv) and the process group (engine) agree in both."""
+    script = tmp_path / "probe.sh"
+    script.write_text(f"#!/bin/bash\nset -e\n{sys.executable} -c \"{RANK_PROBE}\"\n"
+                      f"srun --ntasks=2 {sys.executable} -c \"{RANK_PROBE}\"\n")
+    log = tmp_path / "job.out"
+    job = sbatch({**slurm, **LOOPBACK_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+                 "--ntasks=2", "--cpus-per-task=1", "--time=5", f"--output={log}", str(script))
+    state = wait_job(slurm, job, 240, log)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-6000:]
+    probes = sorted(line.split()[1:] for line in text.splitlines() if line.startswith("PROBE"))
+    # (launcher's rank, world size, local rank, group rank, group size): the lone script, then srun's two.
+    assert probes == [["0", "1", "0", "0", "1"], ["0", "2", "0", "0", "2"], ["1", "2", "1", "1", "2"]], text[-3000:]
+
+
 def test_slurm_sbatch_two_tasks(slurm, tiny, tmp_path):
     """`sbatch launch/slurm/train.sbatch` with 2 tasks: srun starts both ranks; the job completes."""
     cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", train={"max_steps": 2})

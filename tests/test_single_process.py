@@ -16,13 +16,15 @@ pytestmark = pytest.mark.slow
 PROBE = r"""
 import json, sys
 import deepspeed, torch
-from dpo_ds import engine
+from dpo_ds import engine, models
 from dpo_ds.config import load_config, resolve_ds_config
+from dpo_ds.data import list_shards
 from dpo_ds.trainer import Trainer
 
 cfg = load_config(sys.argv[1])
 engine.init_distributed()
-trainer = Trainer(cfg, resolve_ds_config(sys.argv[2], cfg, 1, "fp32"), "fp32")
+trainer = Trainer(cfg, resolve_ds_config(sys.argv[2], cfg, 1, "fp32"), "fp32", models.build(cfg),
+                  list_shards(cfg.data.shards))
 
 def reference_weights():
     out = {}

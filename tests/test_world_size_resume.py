@@ -119,14 +119,17 @@ def _ok(proc) -> str:
 
 
 def _position(ckpt: Path, step: int) -> tuple[dict, list[dict]]:
-    """(train_state, every rank's rank_state) of the checkpoint of `step`."""
+    """(train_state with the loader's epoch position, every rank's rank_state) of the checkpoint of `step`."""
     from dpo_ds import engine
 
     tag = ckpt / f"step_{step:08d}"
     states = [json.loads(p.read_text()) for p in sorted(tag.glob("rank_state_*.json"))]
     client = torch.load(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
     assert engine.checkpoint_world_size(str(ckpt), tag.name) == len(states)
-    return client["train_state"], states
+    # The loader's position (the same epoch and batch counts on every rank) beside the step counters.
+    assert all(s["epoch"] == states[0]["epoch"] and s["batch_in_epoch"] == states[0]["batch_in_epoch"] for s in states)
+    position = {k: states[0][k] for k in ("epoch", "batch_in_epoch", "epoch_num_batches")}
+    return {**client["train_state"], **position}, states
 
 
 def _keys(keys_by_url: dict | None) -> list[str]:

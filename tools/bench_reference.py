@@ -35,8 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from make_synthetic import write_model, write_shards  # noqa: E402
 
-from dpo_ds import engine  # noqa: E402
+from dpo_ds import engine, models  # noqa: E402
 from dpo_ds.config import load_config, resolve_ds_config, training_dtype  # noqa: E402
+from dpo_ds.data import list_shards  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,8 @@ def build(mode: str, overrides: list[str], args: argparse.Namespace):
 
     cfg = load_config(None, overrides + [f"--reference.mode={mode}"])
     dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
-    trainer = Trainer(cfg, resolve_ds_config(args.deepspeed, cfg, engine.world_size(), dtype), dtype)
+    trainer = Trainer(cfg, resolve_ds_config(args.deepspeed, cfg, engine.world_size(), dtype), dtype,
+                      models.build(cfg), list_shards(cfg.data.shards))
     trainer.data_wait, trainer.nonfinite_in_row = 0.0, 0
     trainer.policy.train()
     # Same micro-batches for both modes, fetched up front: the step is measured, not the loader.
