@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = models.family(cfg.model.family)
         spec.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
         models.load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
-        shards = list_shards(cfg.data.shards)
+        # Every rank checks (no process group yet); index.json makes it cheap: a header per shard, and
+        # no pass over the data when the index lists the keys.
+        shards = list_shards(cfg.data.shards, check=True)
         if len(shards) < world_size:
             raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "
                              "write at least one shard per rank")

@@ -240,8 +240,10 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(batches)
         self.state.batch_in_epoch += 1  # advanced now: the generator moves to the next epoch lazily
-        self.state.pairs_read += len(batch["keys"]) + batch["num_bad"]
+        # Padding repeats pairs already counted; the bad ones never reached the batch.
+        self.state.pairs_read += len(batch["keys"]) - batch["num_padded"] + batch["num_bad"]
         self.state.pairs_bad += batch["num_bad"]
+        _stop_without_pairs(batch, f"epoch {self.state.epoch}")
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.data_wait += time.perf_counter() - t0
         return batch
@@ -326,6 +328,7 @@ class Trainer:
         for i, batch in enumerate(self.val_loader.epoch(0)):
             if i == self.cfg.data.val_max_batches:
                 break
+            _stop_without_pairs(batch, "the held-out shards (data.val_shards)")
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             _, diag = self.forward_loss(batch, reference=self.val_reference)
             for name, value in diag.items():
@@ -430,6 +433,15 @@ class Trainer:
             log.info("exported %s", out)
         engine.barrier()
         return out
+
+
+def _stop_without_pairs(batch: dict, where: str) -> None:
+    """Raise BadDataError on every rank when any rank's batch is empty (a loader worker found no good
+    pair): decided together, since a rank that stopped alone would leave the others in a collective."""
+    if engine.any_rank(not batch["keys"]):
+        who = "this rank" if not batch["keys"] else "another rank"
+        raise BadDataError(f"{who} found no good pair in {where}; see the warnings above for keys, shards "
+                           "and reasons (tools/inspect_shards.py checks shards offline)")
 
 
 class _Window:
