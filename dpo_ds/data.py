@@ -388,8 +388,6 @@ def _check_unique_keys(shards: list[ShardInfo], keys_of: dict[str, list[str] | N
                                  "under another name?); its pairs would be trained twice an epoch: remove one")
 
 
-
-
 def _seed_of(*parts: object) -> int:
     """A stable 63-bit seed from its parts (Python's hash() is salted per process)."""
     digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()

@@ -243,9 +243,9 @@ class Trainer:
         # Padding repeats pairs already counted; the bad ones never reached the batch.
         self.state.pairs_read += len(batch["keys"]) - batch["num_padded"] + batch["num_bad"]
         self.state.pairs_bad += batch["num_bad"]
-        _stop_without_pairs(batch, f"epoch {self.state.epoch}")
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.data_wait += time.perf_counter() - t0
+        _stop_without_pairs(batch, f"epoch {self.state.epoch}")
         return batch
 
     def _skip_nonfinite(self) -> None:
