@@ -27,6 +27,12 @@ log = logging.getLogger("dpo_ds")
 PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a stop signal; resume to continue
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: print's separate newline lets ranks sharing a pipe run lines together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="dpo_ds.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "
                              "write at least one shard per rank")
     except ValueError as e:
-        print(f"dpo_ds.train: error: {e}", file=sys.stderr)
+        _say(f"dpo_ds.train: error: {e}")
         return 2
 
     from dpo_ds.trainer import BadDataError, NonFiniteLossError, Trainer  # heavy imports (diffusers) only once the settings are known good
@@ -73,18 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = Trainer(cfg, ds_config, dtype).fit(stop)
     except ValueError as e:
-        print(f"dpo_ds.train: rank {engine.rank()}: error: {e}", file=sys.stderr)
+        _say(f"dpo_ds.train: rank {engine.rank()}: error: {e}")
         return 2
     except (NonFiniteLossError, BadDataError) as e:
         # Raised on every rank at the same step (the decision is all-reduced); the
         # last complete checkpoint stays the one a resume picks.
-        print(f"dpo_ds.train: rank {engine.rank()}: stopped: {e}", file=sys.stderr)
+        _say(f"dpo_ds.train: rank {engine.rank()}: stopped: {e}")
         return 3
     finally:
         engine.destroy()
     if state.step < cfg.train.max_steps:
-        print(f"dpo_ds.train: rank {rank}: stopped by a signal at step {state.step} after a checkpoint; "
-              f"resume with --checkpoint.resume=auto (exit {PREEMPTED})", file=sys.stderr)
+        _say(f"dpo_ds.train: rank {rank}: stopped by a signal at step {state.step} after a checkpoint; "
+             f"resume with --checkpoint.resume=auto (exit {PREEMPTED})")
         return PREEMPTED
     return 0
 

@@ -187,7 +187,10 @@ def rewrite_shards(tiny: Path, out: Path, change) -> Path:
 
 
 def stop_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("dpo_ds.train: rank") and ": stopped: " in line]
+    """The ranks' closing lines; each must be whole (ranks share the launcher's pipe)."""
+    lines = [line for line in text.splitlines() if line.startswith("dpo_ds.train: rank") and ": stopped: " in line]
+    assert all(line.count("dpo_ds.train:") == 1 for line in lines), lines
+    return lines
 
 
 def test_every_pair_bad_stops_every_rank_through_the_data_guard(tiny, tmp_path):
