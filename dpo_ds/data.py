@@ -6,13 +6,19 @@ exactly two members per key:
                     "label", "source"}
   KEY.safetensors  latents_w, latents_l (float16/bfloat16, same shape) + the family's conditioning
 Beside the shards, index.json:
-  {"format": "dpo_ds.shards/1", "shards": [{"name", "num_pairs", "size_bytes"}, ...]}
+  {"format": "dpo_ds.shards/2", "shards": [{"name", "num_pairs", "size_bytes", "keys": [str]}, ...]}
+  (dpo_ds.shards/1, without "keys", is still read; its keys are then read from the tar headers
+  when the start-up check needs them.)
+A key repeated inside one tar (after its first sample, consecutive or not) is a bad sample:
+the first sample with the key is kept, every repeat is counted bad and named with key and shard.
 
 Batch legend (PairLoader.epoch yields, B = batch_size, `...` = latent layout CHW or CFHW):
   keys [B] str, shard_urls [B] str (each pair's shard), draw_index [B] long (= epoch, or epoch mod num_draws),
   t [B] float64 (the draw's value, by the family's law), noise [B x ...] float32,
   latents_w / latents_l [B x ...] float32, every conditioning tensor [B x ...] float32,
-  num_bad int, num_padded int.
+  num_bad int, num_padded int (of the B, repeats of earlier pairs that fill a batch bad pairs left short).
+  A batch with no keys (and no tensors) means its worker found no good pair in the epoch; the
+  warning before it names the worker's shards, and the trainer stops every rank on it.
 
 This is the only module that decodes sample bytes, and nothing here uses pickle.
 """
@@ -43,7 +49,8 @@ from dpo_ds import noise
 log = logging.getLogger("dpo_ds.data")
 
 INDEX_NAME = "index.json"
-INDEX_FORMAT = "dpo_ds.shards/1"
+INDEX_FORMAT = "dpo_ds.shards/2"
+INDEX_FORMATS = ("dpo_ds.shards/1", INDEX_FORMAT)  # read; /1 has no "keys"
 MEMBER_EXTENSIONS = ("json", "safetensors")
 LATENT_NAMES = ("latents_w", "latents_l")
 LATENT_DTYPES = (torch.float16, torch.bfloat16)
@@ -59,13 +66,21 @@ class BadSample(ValueError):
     """A sample that breaks the shard format; the message is the reason."""
 
 
+class RepeatedKey(BadSample):
+    """A key met again in the tar that already gave a sample with it (tar_samples yields this
+    in place of the repeat's members, so every reader counts and names it like any bad sample)."""
+
+
 def decode_sample(key: str, members: dict[str, bytes], schema: dict[str, tuple[int, ...] | None] | None) -> dict:
     """Validate and decode one pair: {ext: bytes} -> {"key", "meta": dict, "tensors": {name: Tensor}}.
 
     schema maps every tensor name besides the latents to its shape (None = any shape); the
     latents may be listed too, to pin their shape. schema=None skips the name and shape checks.
+    members may be the RepeatedKey that tar_samples yields for a repeated key: it is raised.
     Raises BadSample with the reason.
     """
+    if isinstance(members, BadSample):
+        raise members
     extra = sorted(set(members) - set(MEMBER_EXTENSIONS))
     if extra:
         # Checked before anything is decoded: a stranger's .pt must never reach a deserializer.
@@ -129,7 +144,7 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._index_entries: list[dict] = []
         self._file = self._tar = None
-        self._num_pairs_in_shard = 0
+        self._shard_keys: list[str] = []
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -164,7 +179,7 @@ class ShardWriter:
 
         num_bytes = sum(512 + -(-len(b) // 512) * 512 for b in members.values())  # header + padded payload
         if self._tar is not None and (
-            self._num_pairs_in_shard >= self.max_pairs
+            len(self._shard_keys) >= self.max_pairs
             or (self.max_bytes is not None and self._file.tell() + num_bytes > self.max_bytes)
         ):
             self._finish_shard()
@@ -172,12 +187,12 @@ class ShardWriter:
             name = f"{self.prefix}-{len(self._index_entries):06d}.tar"
             self._file = open(os.path.join(self.out_dir, name + ".tmp"), "wb")
             self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
-            self._num_pairs_in_shard = 0
+            self._shard_keys = []
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             self._tar.addfile(info, io.BytesIO(data))
-        self._num_pairs_in_shard += 1
+        self._shard_keys.append(key)
         self._keys.add(key)
 
     def _finish_shard(self) -> None:
@@ -185,8 +200,8 @@ class ShardWriter:
         self._file.close()
         path = self._file.name[: -len(".tmp")]
         os.replace(self._file.name, path)
-        self._index_entries.append({"name": os.path.basename(path), "num_pairs": self._num_pairs_in_shard,
-                                    "size_bytes": os.path.getsize(path)})
+        self._index_entries.append({"name": os.path.basename(path), "num_pairs": len(self._shard_keys),
+                                    "size_bytes": os.path.getsize(path), "keys": list(self._shard_keys)})
         self._file = self._tar = None
 
     def close(self) -> None:
@@ -210,15 +225,22 @@ class ShardInfo:
 
 
 def _read_index(index_path: str) -> dict[str, dict]:
-    """index.json's entries by shard name; {} when absent or unusable (then shards are counted)."""
+    """index.json's entries by shard name, each with "keys" when the index lists them; {} when absent
+    or unusable (then shards are counted)."""
     if not os.path.exists(index_path):
         return {}
     try:
         with open(index_path) as f:
             index = json.load(f)
-        assert index["format"] == INDEX_FORMAT
-        return {e["name"]: {k: e[k] for k in ("name", "num_pairs", "size_bytes")} for e in index["shards"]}
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        if index["format"] not in INDEX_FORMATS:
+            raise ValueError(f"format {index['format']!r}")
+        entries = {e["name"]: {k: e[k] for k in ("name", "num_pairs", "size_bytes")} for e in index["shards"]}
+        for e in index["shards"]:
+            # Keys that disagree with the count are not trusted; the start-up check then reads the tar headers.
+            if isinstance(e.get("keys"), list) and len(e["keys"]) == e["num_pairs"]:
+                entries[e["name"]]["keys"] = e["keys"]
+        return entries
+    except (ValueError, KeyError, TypeError) as e:
         log.warning("%s is not a %s index (%r); counting pairs from the tar headers", index_path, INDEX_FORMAT, e)
         return {}
 
@@ -245,23 +267,29 @@ def _open_shard(url: str) -> Iterator:
         raise OSError(f"{url!r} exited with status {proc.returncode}")
 
 
-def _count_pairs(url: str) -> int:
-    """Distinct keys in the tar; for local files only the headers are read, payloads are seeked over."""
-    keys = set()
+def _shard_keys(url: str) -> list[str]:
+    """The key of every sample tar_samples yields, repeats included, so its length is what the reader
+    plans with; for local files only the headers are read, payloads are seeked over."""
+    keys: list[str] = []
     try:
         mode = "r|*" if url.startswith("pipe:") else "r:*"  # "r:" seeks over payloads
         with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
-            for member in tar:
-                match = _KEY_EXT.match(member.name)
-                if member.isfile() and match:
-                    keys.add(match[1])
+            keys += (key for key, _ in _samples(tar, read=False))
     except SHARD_ERRORS as e:
-        log.warning("shard %s: tar unreadable after %d pairs (%s); counting those", url, len(keys), e)
-    return len(keys)
+        log.warning("shard %s: tar unreadable after %d pairs (%s); counting those", url, len(keys), _why(e))
+    return keys
 
 
-def list_shards(spec: str | list[str]) -> list[ShardInfo]:
-    """Shards of a spec: .tar paths, brace patterns, globs, directories (*.tar inside), `pipe:CMD` URLs."""
+def list_shards(spec: str | list[str], check: bool = False) -> list[ShardInfo]:
+    """Shards of a spec: .tar paths, brace patterns, globs, directories (*.tar inside), `pipe:CMD` URLs.
+
+    A local shard's pair count comes from index.json beside it when the sizes agree. A shard smaller
+    than its entry was cut short: it keeps the index's count (with a warning), so the pairs it lost are
+    counted bad, by shard, when it is read. Otherwise (no entry, a bigger shard, pipe: URLs) the tar
+    headers are counted. check=True, for training start-up, also refuses a key in two shards (naming
+    both; keys come from the index, or from the tar headers where it lists none) and a spec whose
+    local shards all fail to open as a tar (warning about each one that fails, when some open).
+    """
     urls: list[str] = []
     for item in [spec] if isinstance(spec, str) else list(spec):
         if item.startswith("pipe:"):
@@ -289,24 +317,103 @@ def list_shards(spec: str | list[str]) -> list[ShardInfo]:
         raise ValueError(f"shard {repeated[0]} is listed more than once; each pair must be visited once per epoch")
 
     indexes: dict[str, dict[str, dict]] = {}
-    shards = []
+    shards, keys_of = [], {}  # keys_of: url -> keys in tar order, or None where the index lists none
     for url in urls:
         if url.startswith("pipe:"):
-            shards.append(ShardInfo(url, _count_pairs(url), -1))
+            keys_of[url] = _shard_keys(url)
+            shards.append(ShardInfo(url, len(keys_of[url]), -1))
             continue
         index_path = os.path.join(os.path.dirname(os.path.abspath(url)), INDEX_NAME)
         if index_path not in indexes:
             indexes[index_path] = _read_index(index_path)
         entry = indexes[index_path].get(os.path.basename(url))
         size = os.path.getsize(url)
-        if entry is not None and entry["size_bytes"] == size:
+        if entry is not None and size <= entry["size_bytes"]:
+            if size < entry["size_bytes"]:
+                log.warning("shard %s has %d bytes, %s says %d: cut short; the pairs it lost will count as bad",
+                            url, size, index_path, entry["size_bytes"])
+            keys_of[url] = entry.get("keys")
             shards.append(ShardInfo(url, int(entry["num_pairs"]), size))
             continue
         if entry is not None:
             log.warning("shard %s has %d bytes, %s says %d; counting its pairs",
                         url, size, index_path, entry["size_bytes"])
-        shards.append(ShardInfo(url, _count_pairs(url), size))
+        keys_of[url] = _shard_keys(url)
+        shards.append(ShardInfo(url, len(keys_of[url]), size))
+    if check:
+        _check_readable(shards)
+        _check_unique_keys(shards, keys_of)
     return shards
+
+
+def _why(error: Exception) -> str:
+    """One line for a shard error: tarfile's "r:*" ReadError lists every compression it tried, tar's last."""
+    lines = str(error).splitlines() or [""]
+    return lines[-1].removeprefix("- method tar: ") if len(lines) > 1 else f"{type(error).__name__}: {lines[0]}"
+
+
+def _check_readable(shards: list[ShardInfo]) -> None:
+    """Each local shard opens as a tar (which reads its first member header); pipe: URLs are not run."""
+    unreadable = {}
+    for shard in shards:
+        if shard.url.startswith("pipe:"):
+            continue
+        try:
+            with open(shard.url, "rb") as f, tarfile.open(fileobj=f, mode="r:*"):
+                pass
+        except SHARD_ERRORS as e:
+            unreadable[shard] = _why(e)
+    if unreadable and len(unreadable) == len(shards):
+        listed = "; ".join(f"{s.url} ({why})" for s, why in list(unreadable.items())[:3])
+        raise ValueError(f"no shard opens as a tar: {listed}" + (f"; and {len(unreadable) - 3} more"
+                                                                  if len(unreadable) > 3 else ""))
+    for shard, why in unreadable.items():
+        log.warning("shard %s does not open as a tar (%s); its %d listed pairs will count as bad",
+                    shard.url, why, shard.num_pairs)
+
+
+def _check_unique_keys(shards: list[ShardInfo], keys_of: dict[str, list[str] | None]) -> None:
+    """Refuse a key in two shards (a shard copied under another name): its pairs would be trained twice an epoch."""
+    unknown = [s.url for s in shards if keys_of[s.url] is None]
+    if unknown:
+        log.info("index.json lists no keys for %d shard(s) (an older index); reading their tar headers to check "
+                 "that no key is in two shards", len(unknown))
+    shard_of: dict[str, str] = {}
+    for shard in shards:
+        keys = keys_of[shard.url] if keys_of[shard.url] is not None else _shard_keys(shard.url)
+        for key in dict.fromkeys(keys):  # a repeat inside one shard is the reader's to count
+            first = shard_of.setdefault(key, shard.url)
+            if first != shard.url:
+                raise ValueError(f"pair key {key!r} is in shard {first} and in shard {shard.url} (a shard copied "
+                                 "under another name?); its pairs would be trained twice an epoch: remove one")
+
+
+def check_family(shards: list[ShardInfo], family: str, latent_layout: str) -> None:
+    """Refuse shards written for another model family or latent layout, naming the shard: its pairs would be
+    bad samples one by one (wrong shapes), or, where shapes happen to agree, silently train the wrong thing.
+    Reads the first sample's json of each local shard; pipe: URLs are not run. Unreadable shards are the
+    start-up check's (list_shards check=True) to report."""
+    for shard in shards:
+        if shard.url.startswith("pipe:"):
+            continue
+        samples = tar_samples(shard.url)
+        try:
+            key, members = next(samples, (None, None))
+        except SHARD_ERRORS:
+            continue
+        finally:
+            samples.close()
+        try:
+            meta = json.loads(members["json"]) if isinstance(members, dict) and members.get("json") else None
+        except ValueError:
+            continue  # a bad sample, counted when read
+        if not isinstance(meta, dict):
+            continue
+        found = (meta.get("family"), meta.get("latent_layout"))
+        if found != (family, latent_layout):
+            raise ValueError(f"shard {shard.url} holds pairs for family {found[0]!r} with latent_layout {found[1]!r} "
+                             f"(pair {key!r}); the run's model.family {family!r} takes {latent_layout!r}: encode the "
+                             "shards for this model, or set model.family to theirs")
 
 
 def _seed_of(*parts: object) -> int:
@@ -315,22 +422,36 @@ def _seed_of(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample in tar order, undecoded; consecutive members with one key form a sample.
+def tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes] | RepeatedKey]]:
+    """(key, {ext: bytes}) per sample in tar order, undecoded; see _samples for where samples start.
     The tools that read raw members (inspection, the reference cache) read them through this."""
     with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        key, members = None, {}
-        for member in tar:
-            match = _KEY_EXT.match(member.name)
-            if not (member.isfile() and match):
-                continue
-            if match[1] != key:
-                if key is not None:
-                    yield key, members
-                key, members = match[1], {}
-            members[match[2]] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, members
+        yield from _samples(tar, read=True)
+
+
+def _samples(tar: tarfile.TarFile, read: bool) -> Iterator[tuple[str, dict[str, bytes | None] | RepeatedKey]]:
+    """The samples of an open tar: consecutive members with one key form a sample, until a member's
+    extension comes again (a.json a.safetensors a.json ... is two samples). A key that already gave a
+    sample, here or earlier in the tar, gives (key, RepeatedKey) in place of its members: the first
+    sample is kept, every repeat is a bad one. read=False leaves payloads unread (None), for counting."""
+    seen: set[str] = set()
+    key, members = None, {}
+    for member in tar:
+        match = _KEY_EXT.match(member.name)
+        if not (member.isfile() and match):
+            continue
+        if match[1] != key or match[2] in members:
+            if key is not None:
+                yield key, _repeat(key) if key in seen else members
+                seen.add(key)
+            key, members = match[1], {}
+        members[match[2]] = tar.extractfile(member).read() if read and key not in seen else None
+    if key is not None:
+        yield key, _repeat(key) if key in seen else members
+
+
+def _repeat(key: str) -> RepeatedKey:
+    return RepeatedKey(f"key {key} repeats an earlier sample of this shard; the first is kept, this one skipped")
 
 
 @dataclass(frozen=True)
@@ -622,10 +743,11 @@ class _EpochPairs(IterableDataset):
             while len(samples) < batch_size:
                 sample = next(good, None)
                 if sample is None:
-                    if not earliest:
-                        urls = ", ".join(p.shard.url for p in pieces)
-                        raise RuntimeError(f"rank {self.cfg.rank} worker {slot} found no good pair in epoch "
-                                           f"{self.epoch} in shards {urls}; see the warnings from dpo_ds.data")
+                    if not earliest:  # not one good pair: the batch stays empty, and the trainer stops
+                        if batch_index == 0:
+                            log.warning("rank %d worker %d found no good pair in epoch %d in shards %s",
+                                        self.cfg.rank, slot, self.epoch, ", ".join(p.shard.url for p in pieces))
+                        break
                     sample = earliest[num_padded_total % len(earliest)]
                     num_padded += 1
                     num_padded_total += 1
@@ -633,7 +755,7 @@ class _EpochPairs(IterableDataset):
                     earliest.append(sample)
                 samples.append(sample)
             if batch_index >= num_skip:  # skipped batches were read and checked, but never drawn or stacked
-                yield self._collate(samples, num_padded)
+                yield self._collate(samples, num_padded) if samples else self._empty()
         good.close()  # stops a pipe: command still streaming surplus pairs
 
     def _good_samples(self, pieces: list[_Piece], rng: random.Random) -> Iterator[dict]:
@@ -659,8 +781,8 @@ class _EpochPairs(IterableDataset):
             samples = tar_samples(shard.url)
             try:
                 for key, members in samples:
-                    if key in piece.excluded:
-                        continue
+                    if key in piece.excluded and not isinstance(members, RepeatedKey):
+                        continue  # trained before a resume; a repeat of it was not, and counts bad
                     position += 1
                     if position > piece.start:
                         num_read += 1
@@ -675,6 +797,12 @@ class _EpochPairs(IterableDataset):
                 log.warning("shard %s gave %d of its %d pairs; counting the rest as bad",
                             shard.url, num_read, piece.num_pairs)
                 self.num_bad += piece.num_pairs - num_read
+
+    def _empty(self) -> dict:
+        """A batch without pairs: its worker has none, and the consumer must stop (every rank together)."""
+        batch = {"keys": [], "shard_urls": [], "num_bad": self.num_bad, "num_padded": 0}
+        self.num_bad = 0
+        return batch
 
     def _collate(self, samples: list[dict], num_padded: int) -> dict:
         cfg = self.cfg

@@ -20,11 +20,17 @@ from pathlib import Path
 
 from dpo_ds import engine, launchenv, models
 from dpo_ds.config import dump_config, load_config, resolve_ds_config, training_dtype
-from dpo_ds.data import list_shards
+from dpo_ds.data import check_family, list_shards
 
 log = logging.getLogger("dpo_ds")
 
 PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a stop signal; resume to continue
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: print's separate newline lets ranks sharing a pipe run lines together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -51,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
         ds_config = resolve_ds_config(args.deepspeed, cfg, world_size, dtype)
         family = models.build(cfg)  # the family's settings: model folder, scheduler, resolution, draw law
-        shards = list_shards(cfg.data.shards)
+        # Every rank checks (no process group yet); index.json makes it cheap: a header per shard, and
+        # no pass over the data when the index lists the keys.
+        shards = list_shards(cfg.data.shards, check=True)
+        check_family(shards, family.NAME, family.LATENT_LAYOUT)
         if len(shards) < world_size:
             raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "
                              "write at least one shard per rank")
     except ValueError as e:
-        print(f"dpo_ds.train: error: {e}", file=sys.stderr)
+        _say(f"dpo_ds.train: error: {e}")
         return 2
 
     from dpo_ds.trainer import BadDataError, NonFiniteLossError, Trainer  # heavy imports (diffusers) only once the settings are known good
@@ -69,18 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = Trainer(cfg, ds_config, dtype, family, shards).fit(stop)
     except ValueError as e:
-        print(f"dpo_ds.train: rank {engine.rank()}: error: {e}", file=sys.stderr)
+        _say(f"dpo_ds.train: rank {engine.rank()}: error: {e}")
         return 2
     except (NonFiniteLossError, BadDataError) as e:
         # Raised on every rank at the same step (the decision is all-reduced); the
         # last complete checkpoint stays the one a resume picks.
-        print(f"dpo_ds.train: rank {engine.rank()}: stopped: {e}", file=sys.stderr)
+        _say(f"dpo_ds.train: rank {engine.rank()}: stopped: {e}")
         return 3
     finally:
         engine.destroy()
     if state.step < cfg.train.max_steps:
-        print(f"dpo_ds.train: rank {rank}: stopped by a signal at step {state.step} after a checkpoint; "
-              f"resume with --checkpoint.resume=auto (exit {PREEMPTED})", file=sys.stderr)
+        _say(f"dpo_ds.train: rank {rank}: stopped by a signal at step {state.step} after a checkpoint; "
+             f"resume with --checkpoint.resume=auto (exit {PREEMPTED})")
         return PREEMPTED
     return 0
 

@@ -217,6 +217,7 @@ class Trainer:
                             self.reference.num_draws, self.loader.epoch_index, self.reference.num_draws)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.data_wait += time.perf_counter() - t0
+        _stop_without_pairs(batch, f"epoch {self.loader.epoch_index}")
         return batch
 
     def _skip_nonfinite(self) -> None:
@@ -299,6 +300,7 @@ class Trainer:
         for i, batch in enumerate(self.val_loader.epoch(0)):
             if i == self.cfg.data.val_max_batches:
                 break
+            _stop_without_pairs(batch, "the held-out shards (data.val_shards)")
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             _, diag = self.forward_loss(batch, reference=self.val_reference)
             for name, value in diag.items():
@@ -365,6 +367,15 @@ class Trainer:
             log.info("exported %s", out)
         engine.barrier()
         return out
+
+
+def _stop_without_pairs(batch: dict, where: str) -> None:
+    """Raise BadDataError on every rank when any rank's batch is empty (a loader worker found no good
+    pair): decided together, since a rank that stopped alone would leave the others in a collective."""
+    if engine.any_rank(not batch["keys"]):
+        who = "this rank" if not batch["keys"] else "another rank"
+        raise BadDataError(f"{who} found no good pair in {where}; see the warnings above for keys, shards "
+                           "and reasons (tools/inspect_shards.py checks shards offline)")
 
 
 class _Window:

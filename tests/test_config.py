@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +110,34 @@ def test_cli_fails_before_process_group(case, expected, tiny, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dpo_ds.train: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+    assert "init_distributed" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["copied shard", "unreadable shards", "other family"])
+def test_cli_refuses_bad_shards_before_process_group(case, tiny, tmp_path):
+    """A shard copied under another name (its pairs would train twice an epoch), a data set of files
+    that are not tars, and shards written for another model family: refused at start-up, naming the
+    files, before anything is built."""
+    shards, extra = tmp_path / "shards", []
+    if case == "other family":
+        shutil.copytree(tiny / "shards", shards)
+        extra = ["--model.family=sd15"]
+        expected = (f"shard {shards}/shard-\\d+.tar holds pairs for family 'sdxl' with latent_layout 'CHW' .*"
+                    "model.family 'sd15'")
+    elif case == "copied shard":
+        shutil.copytree(tiny / "shards", shards)
+        shutil.copy(shards / "shard-000001.tar", shards / "copy-000001.tar")  # not in index.json: headers are read
+        expected = f"pair key '[^']+' is in shard {shards}/copy-000001.tar and in shard {shards}/shard-000001.tar"
+    else:
+        shards.mkdir()
+        (shards / "shard-000000.tar").write_bytes(b"\0" * 100)
+        (shards / "shard-000001.tar").write_text("<html>403 Forbidden</html>")
+        expected = f"no shard opens as a tar: {shards}/shard-000000.tar .*; {shards}/shard-000001.tar"
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "out", data={"shards": str(shards)})
+    proc = _cli("--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--config", str(cfg), *extra)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dpo_ds.train: error:")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), proc.stderr[-3000:]
     assert "init_distributed" not in proc.stderr and not (tmp_path / "out").exists()
 
 

@@ -90,14 +90,17 @@ def test_shards_are_byte_identical_and_indexed(tmp_path):
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     index = json.loads((tmp_path / "a" / "index.json").read_text())
-    assert index["format"] == "dpo_ds.shards/1"
+    assert index["format"] == "dpo_ds.shards/2"
     assert [(e["num_pairs"], e["size_bytes"]) for e in index["shards"]] == [
         (n, os.path.getsize(tmp_path / "a" / f"shard-{i:06d}.tar")) for i, n in enumerate([4, 4, 3])
     ]
-    # A second writer with another prefix adds its shards to the same index.
+    assert [e["keys"] for e in index["shards"]] == [[f"pair{i:04d}" for i in r] for r in (range(4), range(4, 8),
+                                                                                          range(8, 11))]
+    # A second writer with another prefix adds its shards to the same index, keeping the others' keys.
     write_pairs(tmp_path / "a", range(100, 102), max_pairs=4, prefix="extra")
     index = json.loads((tmp_path / "a" / "index.json").read_text())
     assert [e["name"] for e in index["shards"]] == ["extra-000000.tar"] + names[1:]
+    assert [len(e["keys"]) for e in index["shards"]] == [2, 4, 4, 3]
 
 
 def test_stale_index_is_recounted(tmp_path):
@@ -105,11 +108,92 @@ def test_stale_index_is_recounted(tmp_path):
     index_path = tmp_path / "index.json"
     index = json.loads(index_path.read_text())
     index["shards"][0]["num_pairs"] = 99
+    del index["shards"][0]["keys"]
     index_path.write_text(json.dumps(index))
     assert data.list_shards(str(tmp_path))[0].num_pairs == 99  # size matches: the index is trusted
-    index["shards"][0]["size_bytes"] += 512
+    index["shards"][0]["size_bytes"] -= 512  # the shard grew since: the index is stale
     index_path.write_text(json.dumps(index))
     assert data.list_shards(str(tmp_path))[0].num_pairs == 6
+
+
+def test_an_older_index_without_keys_is_read(tmp_path):
+    write_pairs(tmp_path, range(10), max_pairs=4)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index = {"format": "dpo_ds.shards/1", "shards": [{k: e[k] for k in ("name", "num_pairs", "size_bytes")}
+                                                     for e in index["shards"]]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    assert [s.num_pairs for s in data.list_shards(str(tmp_path))] == [4, 4, 2]
+
+
+def test_a_cut_short_shard_counts_every_lost_pair_bad(tmp_path, caplog):
+    """A shard smaller than its index entry keeps the index's count: a cut that loses 3 pairs counts 3 bad."""
+    write_pairs(tmp_path, range(8), max_pairs=8)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    shard.write_bytes(shard.read_bytes()[: offsets[2 * 5 + 1] + 700])  # inside pair 5's second member
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        [info] = data.list_shards(str(tmp_path))
+        assert info.num_pairs == 8 and "cut short" in caplog.text
+        batches = list(make_loader([info], batch_size=2, num_workers=0).epoch(0))
+    assert sum(b["num_bad"] for b in batches) == 3
+    assert len(set(all_keys(batches))) == 5
+    assert f"shard {shard} gave 5 of its 8 pairs" in caplog.text
+
+
+@pytest.mark.parametrize("order", ["consecutive", "later"])
+def test_a_key_repeated_inside_a_shard_is_a_bad_pair(tmp_path, caplog, order):
+    """Two samples with one key in a tar: the first is kept, the repeat is counted bad and named;
+    the pair count that plans an epoch agrees with what the reader yields."""
+    first, repeat = raw_members(2), raw_members(2, latents_w=torch.zeros(4, 8, 8).half())
+    samples = [raw_members(0), raw_members(1), first, repeat, raw_members(3)] if order == "consecutive" else \
+        [raw_members(0), first, raw_members(1), raw_members(3), repeat]
+    write_raw_tar(tmp_path / "dup.tar", samples)
+    [shard] = data.list_shards(str(tmp_path / "dup.tar"))
+    assert shard.num_pairs == 5 == len(list(data.tar_samples(shard.url)))
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        batches = list(make_loader([shard], batch_size=2, num_workers=0).epoch(0))
+    assert sum(b["num_bad"] for b in batches) == 1
+    keys = all_keys(batches)
+    assert sorted(set(keys)) == ["pair0000", "pair0001", "pair0002", "pair0003"]
+    row = [(b, i) for b in batches for i, k in enumerate(b["keys"]) if k == "pair0002"][0]
+    assert torch.equal(row[0]["latents_w"][row[1]], make_pair(2)[2]["latents_w"].float())  # the first
+    assert "bad pair pair0002 in shard" in caplog.text and "dup.tar" in caplog.text and "repeats" in caplog.text
+
+
+def test_a_key_in_two_shards_is_refused_at_start(tmp_path):
+    write_pairs(tmp_path / "d", range(8), max_pairs=4)
+    (tmp_path / "d" / "copy-000000.tar").write_bytes((tmp_path / "d" / "shard-000001.tar").read_bytes())
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    index["shards"].append({**index["shards"][1], "name": "copy-000000.tar"})
+    (tmp_path / "d" / "index.json").write_text(json.dumps(index))
+    assert len(data.list_shards(str(tmp_path / "d"))) == 3  # only the start-up check looks at keys
+    expected = f"pair key 'pair0004' is in shard {tmp_path}/d/copy-000000.tar and in shard {tmp_path}/d/shard-000001.tar"
+    with pytest.raises(ValueError, match=expected):
+        data.list_shards(str(tmp_path / "d"), check=True)
+    # Where the index lists no keys (an older one, or none), they are read from the tar headers.
+    index = {"format": "dpo_ds.shards/1", "shards": [{k: e[k] for k in ("name", "num_pairs", "size_bytes")}
+                                                     for e in index["shards"]]}
+    (tmp_path / "d" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=expected):
+        data.list_shards(str(tmp_path / "d"), check=True)
+    (tmp_path / "d" / "index.json").unlink()
+    with pytest.raises(ValueError, match=expected):
+        data.list_shards(str(tmp_path / "d"), check=True)
+    with pytest.raises(ValueError, match="pair key 'pair0004' is in shard pipe:cat .*copy-000000.tar"):
+        data.list_shards([f"pipe:cat {tmp_path}/d/{n}" for n in ("copy-000000.tar", "shard-000001.tar")], check=True)
+
+
+def test_unreadable_shards_are_named_at_start(tmp_path, caplog):
+    (tmp_path / "a.tar").write_bytes(b"not a tar at all" * 64)
+    (tmp_path / "b.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"no shard opens as a tar: {tmp_path}/a.tar .*; {tmp_path}/b.tar"):
+        data.list_shards(str(tmp_path / "*.tar"), check=True)
+    write_pairs(tmp_path, range(4), max_pairs=4)
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        assert len(data.list_shards(str(tmp_path / "*.tar"), check=True)) == 3
+    assert f"shard {tmp_path}/a.tar does not open as a tar" in caplog.text
+    assert f"shard {tmp_path}/b.tar does not open as a tar" in caplog.text
 
 
 @pytest.mark.parametrize("sizes", [[6] * 8, [5, 5, 5, 5, 5, 5, 1]])
@@ -221,10 +305,15 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     assert [len(list(loader.epoch(0))) for loader in loaders] == [loaders[0].batches_per_epoch] * 2
 
 
-def test_a_worker_with_only_bad_pairs_fails_naming_its_shard(tmp_path):
-    write_raw_tar(tmp_path / "bad.tar", [raw_members(i, latents_l=torch.zeros(2, 2).half()) for i in range(4)])
-    with pytest.raises(RuntimeError, match="bad.tar"):
-        list(make_loader(data.list_shards(str(tmp_path / "bad.tar")), num_workers=0).epoch(0))
+def test_a_worker_with_only_bad_pairs_yields_empty_batches_naming_its_shard(tmp_path, caplog):
+    """Not an exception inside a loader worker: empty batches, which the trainer stops on (every rank together)."""
+    write_raw_tar(tmp_path / "bad.tar", [raw_members(i, latents_l=torch.zeros(2, 2).half()) for i in range(6)])
+    loader = make_loader(data.list_shards(str(tmp_path / "bad.tar")), batch_size=3, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        batches = list(loader.epoch(0))
+    assert len(batches) == loader.batches_per_epoch == 2
+    assert [(b["keys"], b["num_bad"], b["num_padded"]) for b in batches] == [([], 6, 0), ([], 0, 0)]
+    assert "found no good pair in epoch 0 in shards" in caplog.text and "bad.tar" in caplog.text
 
 
 def test_list_shards_specs_and_errors(tmp_path):

@@ -198,6 +198,10 @@ def two_ranks_match_one(world, num_rows: int) -> None:
             assert torch.equal(tensor, two[key]["tensors"][name]), (key, name)
     index = json.loads((root / "two" / "index.json").read_text())
     assert len(index["shards"]) == 3  # the last rank to finish published every chunk
+    # The per-rank indexes merge with their keys, which training's start-up check reads instead of the tars.
+    assert index["format"] == "dpo_ds.shards/2"
+    for entry in index["shards"]:
+        assert entry["keys"] == [key for key, _ in data.tar_samples(str(root / "two" / entry["name"]))]
 
 
 def test_two_ranks_write_the_same_pairs_as_one(world):

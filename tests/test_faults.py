@@ -11,9 +11,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import safetensors.torch
 import torch
 
-from conftest import BIN, REPO, env, free_port, read_scalars, write_run_config
+from conftest import BIN, REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
 from test_launchers import LOOPBACK_ENV, MPIRUN_ARGS, missing
 
 pytestmark = pytest.mark.slow
@@ -164,3 +165,62 @@ def test_cut_off_checkpoint_is_never_resumed(straight, tmp_path):
     # A crash between the rank writes and `latest` leaves `latest` on the previous complete one.
     (ckpt / "latest").write_text(f"step_{MAX_STEPS - 2:08d}")
     assert engine.find_resume_tag(str(ckpt), "auto") == f"step_{MAX_STEPS - 2:08d}"
+
+
+def rewrite_shards(tiny: Path, out: Path, change) -> Path:
+    """tiny's shards with change(index, tensors) applied to every pair (None: the pair is left out), written
+    by hand (so bad pairs are possible) without index.json."""
+    from conftest import write_raw_tar
+    from dpo_ds import data
+
+    out.mkdir()
+    index = 0
+    for shard in data.list_shards(str(tiny / "shards")):
+        samples = []
+        for key, members in data.tar_samples(shard.url):
+            tensors = safetensors.torch.load(members["safetensors"])
+            change(index, tensors)
+            samples.append((key, {"json": members["json"], "safetensors": safetensors.torch.save(tensors)}))
+            index += 1
+        write_raw_tar(out / Path(shard.url).name, samples)
+    return out
+
+
+def stop_lines(text: str) -> list[str]:
+    """The ranks' closing lines; each must be whole (ranks share the launcher's pipe)."""
+    lines = [line for line in text.splitlines() if line.startswith("dpo_ds.train: rank") and ": stopped: " in line]
+    assert all(line.count("dpo_ds.train:") == 1 for line in lines), lines
+    return lines
+
+
+def test_every_pair_bad_stops_every_rank_through_the_data_guard(tiny, tmp_path):
+    """Conditioning of the wrong width in every pair: no rank has a batch, and every rank stops together with
+    exit 3 and one line, instead of a traceback from a loader worker (or a rank left waiting)."""
+    def narrow(_, tensors):
+        tensors["prompt_embeds"] = tensors["prompt_embeds"][:, :-1].contiguous()
+    shards = rewrite_shards(tiny, tmp_path / "shards", narrow)
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", data={"shards": str(shards)},
+                           checkpoint={"every_steps": 100, "export": False})
+    proc = deepspeed_train(cfg, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 3, text[-6000:]
+    assert "Traceback" not in text, text[-6000:]
+    lines = stop_lines(text)
+    assert lines and all("found no good pair in epoch 0" in line for line in lines), text[-6000:]
+    assert "prompt_embeds has shape" in text  # the warning that says why, per pair
+
+
+def test_bad_fraction_counts_pairs_read_without_padding(tiny, tmp_path):
+    """One bad pair of 32: a batch short of it is padded with a repeat, which is not a pair read (1 of 32, not 33)."""
+    def one_nan(index, tensors):
+        if index == 5:
+            tensors["latents_w"] = torch.full_like(tensors["latents_w"], float("nan"))
+    shards = rewrite_shards(tiny, tmp_path / "shards", one_nan)
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", data={"shards": str(shards),
+                           "max_bad_fraction": 0.0}, train={"max_steps": 8}, logging={"every_steps": 8},
+                           checkpoint={"every_steps": 100, "export": False})
+    proc = deepspeed_train(cfg, timeout=400)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 3, text[-6000:]
+    lines = stop_lines(text)
+    assert lines and all("stopped: 1 of 32 pairs read were bad" in line for line in lines), text[-6000:]

@@ -101,6 +101,20 @@ def test_flags_a_duplicate_key_across_shards(tmp_path):
     assert problem["key"] == "pair0003" and "duplicate key" in problem["reason"] and "/a/" in problem["reason"]
 
 
+@pytest.mark.parametrize("order", ["consecutive", "later"])
+def test_flags_a_key_repeated_inside_a_shard(tmp_path, order):
+    """A second sample with key pair0002 in one tar is a bad pair (the first is kept), never a silent overwrite."""
+    samples = [(k, members(m, t)) for k, m, t in (pair(i) for i in range(4))]
+    repeat = ("pair0002", members(*pair(7)[1:]))
+    samples.insert(3 if order == "consecutive" else 4, repeat)
+    write_raw_tar(tmp_path / "dup-000000.tar", samples)
+    code, s = run(str(tmp_path))
+    assert code == 1 and not s["is_valid"] and s["num_pairs"] == 5 and s["num_bad_pairs"] == 1
+    [problem] = s["problems"]
+    assert problem["key"] == "pair0002" and problem["shard"].endswith("dup-000000.tar")
+    assert "repeats an earlier sample of this shard" in problem["reason"]
+
+
 def test_flags_an_index_that_disagrees_and_no_shards_is_an_error(tmp_path):
     write_good(tmp_path, range(4))
     index = json.loads((tmp_path / "index.json").read_text())

@@ -49,7 +49,7 @@ from typing import Iterator
 import torch
 
 from dpo_ds import launchenv
-from dpo_ds.data import INDEX_FORMAT, INDEX_NAME, ShardWriter
+from dpo_ds.data import INDEX_FORMAT, INDEX_FORMATS, INDEX_NAME, ShardWriter
 from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, SDXLEncoder,
                            WanEncoder, key_fraction, prepare_row, prepare_video_row)
 
@@ -292,7 +292,7 @@ def _read_index_entries(folder: str) -> list[dict]:
         return []
     with open(path) as f:
         index = json.load(f)
-    return index["shards"] if index.get("format") == INDEX_FORMAT else []
+    return index["shards"] if index.get("format") in INDEX_FORMATS else []  # entries whole: their keys too
 
 
 def _markers(out: str) -> dict[int, dict]:

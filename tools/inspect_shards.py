@@ -6,8 +6,8 @@ SHARDS: .tar paths, brace patterns, globs or folders, as data.shards takes them.
 Checks every sample: both members present and nothing else, decodable json and safetensors,
 latents float16/bfloat16 with the rank of their latent_layout, every float finite, the json's
 fields (caption, family, latent_layout, scaling_factor, label 1.0: ties are never stored),
-each tensor's shape the same as in most pairs, keys unique across all shards, and index.json's
-pair counts. Prints a table (pairs, shapes, dtypes, per-channel latent mean/std, caption
+each tensor's shape the same as in most pairs, keys unique within each shard (a repeat is a bad
+pair; the reader keeps the first) and across all shards, and index.json's pair counts. Prints a table (pairs, shapes, dtypes, per-channel latent mean/std, caption
 length); --json prints one object instead:
   {"is_valid", "num_shards", "num_pairs", "num_bad_pairs", "num_bytes", "problems": [{"shard", "key", "reason"}],
    "shapes": {name: [shape]}, "dtypes": {name: dtype}, "families", "latent_layouts", "scaling_factors",
@@ -70,11 +70,12 @@ class Report:
 
     def add(self, shard: str, key: str, members: dict[str, bytes]) -> None:
         self.num_pairs += 1
-        if key in self.first_shard_of:
+        # A repeat inside this shard comes as a RepeatedKey, which decode_sample raises below.
+        if self.first_shard_of.get(key, shard) != shard:
             self.problem(shard, key, f"duplicate key: also in {self.first_shard_of[key]}")
             self.num_bad_pairs += 1
             return
-        self.first_shard_of[key] = shard
+        self.first_shard_of.setdefault(key, shard)
         try:
             sample = decode_sample(key, members, schema=None)
         except BadSample as e:
