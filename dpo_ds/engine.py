@@ -178,6 +178,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj` (picklable, made by this program), in rank order; [obj] without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True when `flag` holds on at least one rank (every rank gets the same answer)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device())
