@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import deepspeed
+import psutil
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -38,12 +39,19 @@ UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal
 
 # ---------------------------------------------------------------- processes
 
+# (host name, pid, process start time) of every rank, gathered at init: what a survivor needs to tell
+# which peer is gone when a collective fails (a dead peer's exit is seen by its launcher only, and
+# DeepSpeed's launcher does not say which rank it was).
+_PEERS: list[tuple[str, int, float]] = []
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the process group (gloo on CPU, nccl on NVIDIA GPUs); a single process forms a group of one.
 
     Ranks come from the launcher: RANK/WORLD_SIZE (deepspeed, torchrun), SLURM_* (srun), or mpi4py
     (mpirun). A rank that dies makes its peers' collectives fail (gloo at once, nccl after
-    `timeout_minutes`), and every launcher then ends the job.
+    `timeout_minutes`), and every launcher then ends the job; each rank records every peer's host and
+    pid here, so that a survivor can say which rank it was (describe_lost_peers).
     """
     if "RANK" not in os.environ:
         if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
@@ -62,6 +70,39 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         _unlink_shm_workspace()
+    _PEERS[:] = all_gather_object((socket.gethostname(), os.getpid(), psutil.Process().create_time()))
+
+
+def describe_lost_peers(wait_s: float = 5.0) -> str:
+    """Which peers are gone, in words, for a rank whose collective just failed.
+
+    Peers on this host are looked up by pid (a zombie, or a pid now used by a younger process, is
+    gone); a peer that is still exiting gets up to wait_s to go. Peers on other hosts cannot be seen
+    from here and are named as unchecked.
+    """
+    host, me = socket.gethostname(), rank()
+    local = {r: pid for r, (h, pid, _) in enumerate(_PEERS) if h == host and r != me}
+    remote = [f"rank {r} on {h}" for r, (h, _, _) in enumerate(_PEERS) if h != host]
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = [r for r in local if not _is_running(*_PEERS[r][1:])]
+        if gone or not local or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    words = [f"rank {r} (pid {local[r]} on host {host}) died" for r in gone]
+    if not gone and local:
+        words.append(f"no peer on host {host} is gone (ranks {', '.join(map(str, local))} still run)")
+    if remote:
+        words.append(f"{', '.join(remote)} could not be checked from this host")
+    return "; ".join(words) if words else "this rank has no peers"
+
+
+def _is_running(pid: int, create_time: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == create_time and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return False
 
 
 STALE_BUILD_LOCK_S = 600  # the op compiles in under a minute; a lock this old belongs to a killed build
