@@ -18,6 +18,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,13 @@ from deepspeed.checkpoint import ds_to_universal
 from dpo_ds.config import OptimConfig
 
 log = logging.getLogger("dpo_ds")
+
+# DeepSpeed compiles its CPU ops (shm communication, CPU Adam) into torch's extensions folder, which every
+# Python environment of a user shares (~/.cache/torch_extensions): two venvs on one machine rebuild each
+# other's ops (minutes, under a lock the others wait on) at every switch. So each environment gets its own
+# (sys.prefix is the venv; torch reads the variable when it builds). An explicit TORCH_EXTENSIONS_DIR wins.
+if os.access(sys.prefix, os.W_OK):
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
