@@ -238,6 +238,9 @@ class CachedReference:
                 for name in parts:
                     parts[name].append(f.get_tensor(name))
             keys = json.loads(meta["keys"])
+            if entry["shard"] in keys_by_shard:
+                raise ValueError(f"reference cache {cache_dir}/{MANIFEST_NAME} lists shard {entry['shard']} twice; "
+                                 "run tools/precompute_ref.py again on this cache_dir")
             if any(len(parts[name][-1]) != len(keys) for name in parts):
                 raise ValueError(f"reference cache file {path} holds {len(keys)} keys but "
                                  f"{len(parts['timesteps'][-1])} rows; run tools/precompute_ref.py again")
