@@ -14,6 +14,7 @@ the first sample with the key is kept, every repeat is counted bad and named wit
 
 Batch legend (PairLoader.epoch yields, B = batch_size, `...` = latent layout CHW or CFHW):
   keys [B] str, shard_urls [B] str (each pair's shard), draw_index [B] long (= epoch, or epoch mod num_draws),
+  content_hash [B] int64 (hash of the pair's KEY.safetensors, decode_sample),
   t [B] float64 (the draw's value, by the family's law), noise [B x ...] float32,
   latents_w / latents_l [B x ...] float32, every conditioning tensor [B x ...] float32,
   num_bad int, num_padded int (of the B, repeats of earlier pairs that fill a batch bad pairs left short).
@@ -55,7 +56,7 @@ MEMBER_EXTENSIONS = ("json", "safetensors")
 LATENT_NAMES = ("latents_w", "latents_l")
 LATENT_DTYPES = (torch.float16, torch.bfloat16)
 PICKLE_EXTENSIONS = {"pt", "pth", "pickle", "pkl", "pyd", "npy"}
-BATCH_FIELDS = {"keys", "shard_urls", "draw_index", "t", "noise", "num_bad", "num_padded"}
+BATCH_FIELDS = {"keys", "shard_urls", "draw_index", "content_hash", "t", "noise", "num_bad", "num_padded"}
 # webdataset's rule: the key is the member path up to the first dot of its file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # Errors that mean "this shard's bytes are unreadable", as opposed to a bug in this module.
@@ -72,12 +73,17 @@ class RepeatedKey(BadSample):
 
 
 def decode_sample(key: str, members: dict[str, bytes], schema: dict[str, tuple[int, ...] | None] | None) -> dict:
-    """Validate and decode one pair: {ext: bytes} -> {"key", "meta": dict, "tensors": {name: Tensor}}.
+    """Validate and decode one pair: {ext: bytes} -> {"key", "meta": dict, "tensors": {name: Tensor},
+    "content_hash": int}.
 
     schema maps every tensor name besides the latents to its shape (None = any shape); the
     latents may be listed too, to pin their shape. schema=None skips the name and shape checks.
     members may be the RepeatedKey that tar_samples yields for a repeated key: it is raised.
     Raises BadSample with the reason.
+
+    content_hash: the first 8 bytes of the SHA-256 of the KEY.safetensors bytes, as a signed 64-bit int.
+    The reference cache stores it per pair and checks it on every lookup, so a shard re-encoded under
+    its old name (other VAE, other crop) is never served errors computed on its old contents.
     """
     if isinstance(members, BadSample):
         raise members
@@ -120,7 +126,8 @@ def decode_sample(key: str, members: dict[str, bytes], schema: dict[str, tuple[i
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise BadSample(f"{name} has non-finite values")
-    return {"key": key, "meta": meta, "tensors": tensors}
+    digest = hashlib.sha256(members["safetensors"]).digest()[:8]
+    return {"key": key, "meta": meta, "tensors": tensors, "content_hash": int.from_bytes(digest, "little", signed=True)}
 
 
 class ShardWriter:
@@ -815,15 +822,16 @@ class _EpochPairs(IterableDataset):
 
 
 def collate_pairs(samples: list[dict], draw_index: int, seed: int, draw_t: Callable[[torch.Generator], float]) -> dict:
-    """Decoded pairs at one draw index as one batch: keys, each pair's (t, noise) from noise.draw with the
-    family's law draw_t, and every tensor of the schema stacked as float32. The trainer and the
-    reference-cache tool both batch through this, so a cached reference error is always computed on the
-    very draw training uses."""
+    """Decoded pairs at one draw index as one batch: keys, content hashes, each pair's (t, noise) from
+    noise.draw with the family's law draw_t, and every tensor of the schema stacked as float32. The trainer
+    and the reference-cache tool both batch through this, so a cached reference error is always computed
+    on the very draw training uses."""
     draws = [noise.draw(seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape), draw_t)
              for s in samples]
     batch = {
         "keys": [s["key"] for s in samples],
         "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),
+        "content_hash": torch.tensor([s["content_hash"] for s in samples], dtype=torch.int64),
         "t": torch.tensor([t for t, _ in draws], dtype=torch.float64),
         "noise": torch.stack([n for _, n in draws]),
     }

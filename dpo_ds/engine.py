@@ -18,10 +18,12 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import deepspeed
+import psutil
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -32,6 +34,13 @@ from dpo_ds.config import OptimConfig
 
 log = logging.getLogger("dpo_ds")
 
+# DeepSpeed compiles its CPU ops (shm communication, CPU Adam) into torch's extensions folder, which every
+# Python environment of a user shares (~/.cache/torch_extensions): two venvs on one machine rebuild each
+# other's ops (minutes, under a lock the others wait on) at every switch. So each environment gets its own
+# (sys.prefix is the venv; torch reads the variable when it builds). An explicit TORCH_EXTENSIONS_DIR wins.
+if os.access(sys.prefix, os.W_OK):
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal, loadable on any world size
@@ -39,12 +48,19 @@ UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal
 
 # ---------------------------------------------------------------- processes
 
+# (host name, pid, process start time) of every rank, gathered at init: what a survivor needs to tell
+# which peer is gone when a collective fails (a dead peer's exit is seen by its launcher only, and
+# DeepSpeed's launcher does not say which rank it was).
+_PEERS: list[tuple[str, int, float]] = []
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the process group (gloo on CPU, nccl on NVIDIA GPUs); a single process forms a group of one.
 
     Ranks come from the launcher, as dpo_ds.launchenv reads it: RANK/WORLD_SIZE (deepspeed, torchrun),
-    srun's job-step variables, or mpi4py (mpirun). A rank that dies makes its peers' collectives fail (gloo at once, nccl after
-    `timeout_minutes`), and every launcher then ends the job.
+    srun's job-step variables, or mpi4py (mpirun). A rank that dies makes its peers' collectives fail
+    (gloo at once, nccl after `timeout_minutes`), and every launcher then ends the job; each rank records
+    every peer's host and pid here, so that a survivor can say which rank it was (describe_lost_peers).
     """
     kind = launchenv.launcher()
     if kind == "srun":
@@ -63,6 +79,39 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         _unlink_shm_workspace()
+    _PEERS[:] = all_gather_object((socket.gethostname(), os.getpid(), psutil.Process().create_time()))
+
+
+def describe_lost_peers(wait_s: float = 5.0) -> str:
+    """Which peers are gone, in words, for a rank whose collective just failed.
+
+    Peers on this host are looked up by pid (a zombie, or a pid now used by a younger process, is
+    gone); a peer that is still exiting gets up to wait_s to go. Peers on other hosts cannot be seen
+    from here and are named as unchecked.
+    """
+    host, me = socket.gethostname(), rank()
+    local = {r: pid for r, (h, pid, _) in enumerate(_PEERS) if h == host and r != me}
+    remote = [f"rank {r} on {h}" for r, (h, _, _) in enumerate(_PEERS) if h != host]
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = [r for r in local if not _is_running(*_PEERS[r][1:])]
+        if gone or not local or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    words = [f"rank {r} (pid {local[r]} on host {host}) died" for r in gone]
+    if not gone and local:
+        words.append(f"no peer on host {host} is gone (ranks {', '.join(map(str, local))} still run)")
+    if remote:
+        words.append(f"{', '.join(remote)} could not be checked from this host")
+    return "; ".join(words) if words else "this rank has no peers"
+
+
+def _is_running(pid: int, create_time: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == create_time and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return False
 
 
 STALE_BUILD_LOCK_S = 600  # the op compiles in under a minute; a lock this old belongs to a killed build
@@ -179,6 +228,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj` (picklable, made by this program), in rank order; [obj] without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True when `flag` holds on at least one rank (every rank gets the same answer)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device())
@@ -228,6 +286,7 @@ class Policy:
         if optim.name == "adafactor":
             ds_config = {**ds_config, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         params = [p for p in model.parameters() if p.requires_grad]
+        num_trainable = sum(p.numel() for p in params)  # now: ZeRO-3 leaves each parameter an empty placeholder
         lr = optim.peak_lr(ds_config["train_batch_size"])
         optimizer = None if "optimizer" in ds_config else _client_optimizer(params, optim, lr, is_offloaded)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -235,8 +294,8 @@ class Policy:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optim, max_steps)),
         )
         self.is_zero3 = zero.get("stage", 0) == 3
-        log.info("policy: %.2fM trainable parameters, ZeRO stage %d, optimizer %s%s, peak lr %.4g%s",
-                 sum(p.numel() for p in params) / 1e6, zero.get("stage", 0),
+        log.info("policy: %s trainable parameters, ZeRO stage %d, optimizer %s%s, peak lr %.4g%s",
+                 f"{num_trainable:,}", zero.get("stage", 0),
                  type(optimizer).__name__ if optimizer is not None else ds_config["optimizer"].get("type"),
                  ", its state offloaded to cpu" if is_offloaded else "", lr,
                  f" (optim.lr {optim.lr:g} x global batch {ds_config['train_batch_size']})" if optim.scale_lr else "")

@@ -22,16 +22,24 @@ Cache format (a contract; `CACHE_FORMAT`, nothing in it is decoded with pickle):
   CACHE_DIR/<shard name>.ref.safetensors   one per shard (N = good pairs in the shard, in tar order):
     tensors   t [N, K] float64 (the draw's value, exactly as the family drew it),
               ref_err_w [N, K] float32, ref_err_l [N, K] float32,
+              content_hash [N] int64 (SHA-256 of the pair's KEY.safetensors bytes, 8 bytes; dpo_ds.data.decode_sample),
               with --store-eps also eps_w, eps_l [N, K, ...latent] bfloat16 (the reference's predictions)
     metadata  {"format": CACHE_FORMAT, "fingerprint_sha256": ..., "shard": name, "keys": JSON list of N keys,
                "num_bad": pairs skipped as bad samples, "has_eps": "true" | "false"}   (all strings)
-Row i, column d holds pair keys[i] at draw index d. The reference weights hash is
-SHA-256 over the denoiser's state dict in name order: per tensor its name,
-shape and float32 bytes (floats cast, so fp16 and fp32 copies of one model agree).
+Row i, column d holds pair keys[i] at draw index d. A key is in one row of one file only: the tool
+refuses a repeated key before computing, and loading refuses a cache that has one. The reference
+weights hash is SHA-256 over the denoiser's state dict in name order: per tensor its name, shape and
+float32 bytes (floats cast, so fp16 and fp32 copies of one model agree).
+
+The invariant: no cached error is used on contents it was not computed from. The fingerprint is
+checked when the cache is opened (weights, shard names/counts/sizes, scheduler, seed, draws, dtype);
+every lookup checks the pair's content hash (its stored tensors, byte for byte) and the draw's
+timestep, and refuses a mismatch naming the pair. Format 1 caches have no content hash: refused.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import json
@@ -50,7 +58,7 @@ from dpo_ds.models.family import Family
 log = logging.getLogger("dpo_ds")
 
 CACHE_FORMAT = "dpo_ds.refcache/2"
-TOOL_VERSION = 1
+TOOL_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FILE_SUFFIX = ".ref.safetensors"
 
@@ -110,7 +118,8 @@ def folder_weights_hash(family: Family, pretrained_path: str) -> str:
 
 def fingerprint(cfg: RunConfig, family: Family, shards: list[ShardInfo], reference_weights: str, num_draws: int,
                 dtype: str) -> dict:
-    """Everything the cached values depend on (DESIGN.md §5), as plain JSON."""
+    """Everything the cached values depend on (DESIGN.md §5), as plain JSON; the shards' contents are
+    checked per pair instead, by content hash at every lookup (CachedReference.errors)."""
     return {
         "tool_version": TOOL_VERSION,
         "reference_weights": reference_weights,
@@ -182,20 +191,39 @@ def read_manifest(cache_dir: str) -> dict:
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {CACHE_FORMAT!r}; "
-                         "recompute the cache with this version of tools/precompute_ref.py")
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {CACHE_FORMAT!r} (which checks each "
+                         "pair's contents); recompute the cache with this version of tools/precompute_ref.py")
     return manifest
 
 
+def repeated_key(keys_by_shard: dict[str, list[str]]) -> tuple[str, str, str] | None:
+    """(key, first shard, second shard) of the first key found twice, shards in name order; None if all differ.
+
+    A cache row is found by key, so a repeated key (a shard copied under another name) would give
+    two pairs one row: the tool refuses it before computing, and loading refuses a cache holding one.
+    """
+    seen: dict[str, str] = {}
+    for shard in sorted(keys_by_shard):
+        for key in keys_by_shard[shard]:
+            if key in seen:
+                return key, seen[key], shard
+            seen[key] = shard
+    return None
+
+
 class CachedReference:
-    """Reference errors looked up by (pair key, draw index) in a verified cache; no model anywhere."""
+    """Reference errors looked up by (pair key, draw index) in a verified cache; no model anywhere.
+
+    Each pair's row is its file's offset plus its position in that file, and every lookup checks
+    the pair's content hash and timestep against the row's (the module docstring's invariant).
+    """
 
     def __init__(self, cache_dir: str, manifest: dict):
         self.cache_dir = cache_dir
         fp = manifest["fingerprint"]
         self.num_draws, self.seed = int(fp["num_draws"]), int(fp["seed"])
-        self.row: dict[str, int] = {}
-        parts: dict[str, list[torch.Tensor]] = {"t": [], "ref_err_w": [], "ref_err_l": []}
+        parts: dict[str, list[torch.Tensor]] = {"t": [], "ref_err_w": [], "ref_err_l": [], "content_hash": []}
+        keys_by_shard: dict[str, list[str]] = {}
         for entry in manifest["files"]:
             path = os.path.join(cache_dir, entry["file"])
             meta = read_shard_metadata(path)
@@ -205,9 +233,30 @@ class CachedReference:
             with safetensors.safe_open(path, framework="pt") as f:  # reads only the small tensors, not eps
                 for name in parts:
                     parts[name].append(f.get_tensor(name))
-            for key in json.loads(meta["keys"]):
-                self.row[key] = len(self.row)
-        self.t, self.err_w, self.err_l = (torch.cat(parts[n]) for n in parts)
+            keys = json.loads(meta["keys"])
+            if entry["shard"] in keys_by_shard:
+                raise ValueError(f"reference cache {cache_dir}/{MANIFEST_NAME} lists shard {entry['shard']} twice; "
+                                 "run tools/precompute_ref.py again on this cache_dir")
+            if any(len(parts[name][-1]) != len(keys) for name in parts):
+                raise ValueError(f"reference cache file {path} holds {len(keys)} keys but "
+                                 f"{len(parts['t'][-1])} rows; run tools/precompute_ref.py again")
+            keys_by_shard[entry["shard"]] = keys
+        repeated = repeated_key(keys_by_shard)
+        if repeated is not None:
+            key, first, second = repeated
+            raise ValueError(f"reference cache {cache_dir}: pair key {key!r} has rows in the files of shards {first} "
+                             f"and {second}; keys must be unique across data.shards (a shard copied under another "
+                             "name?): remove the copy, then run tools/precompute_ref.py again")
+        self.row: dict[str, int] = {}
+        self.shard_names: list[str] = []  # shard_names[i] holds rows shard_starts[i]..shard_starts[i+1]-1
+        self.shard_starts: list[int] = []
+        offset = 0
+        for shard, keys in keys_by_shard.items():
+            self.shard_names.append(shard)
+            self.shard_starts.append(offset)
+            self.row.update((key, offset + i) for i, key in enumerate(keys))
+            offset += len(keys)
+        self.t, self.err_w, self.err_l, self.content_hash = (torch.cat(parts[n]) for n in parts)
 
     @classmethod
     def load(cls, cfg: RunConfig, expected_fingerprint: dict) -> "CachedReference":
@@ -233,6 +282,14 @@ class CachedReference:
                                  "made from other shards or is incomplete: run tools/precompute_ref.py again")
             rows.append(self.row[key])
         rows_t = torch.tensor(rows, dtype=torch.long)
+        changed = (self.content_hash[rows_t] != batch["content_hash"].cpu()).nonzero()
+        if len(changed):
+            i = int(changed[0])
+            shard = self.shard_names[bisect.bisect_right(self.shard_starts, rows[i]) - 1]
+            raise ValueError(f"reference cache {self.cache_dir}: pair {batch['keys'][i]!r} of shard {shard} is not "
+                             "the pair the cache was computed on (its stored tensors hash differently): the shard's "
+                             "contents changed since the cache was computed (re-encoded with another VAE, another "
+                             "crop?); run tools/precompute_ref.py again on these shards")
         draws = batch["draw_index"].cpu()
         assert bool((draws < self.num_draws).all()), "the loader must draw at epoch mod num_draws"
         cached_t = self.t[rows_t, draws]

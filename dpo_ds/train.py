@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         # last complete checkpoint stays the one a resume picks.
         _say(f"dpo_ds.train: rank {engine.rank()}: stopped: {e}")
         return 3
+    except RuntimeError:
+        # Mostly a peer that vanished: a collective fails ("Connection closed by peer"), or the launcher,
+        # having seen the exit, ends this rank's loader workers. The launcher does not say which rank it
+        # was; the survivors can, before the traceback.
+        if engine.world_size() > 1:
+            print(f"dpo_ds.train: rank {engine.rank()}: {engine.describe_lost_peers()}", file=sys.stderr, flush=True)
+        raise
     finally:
         engine.destroy()
     if state.step < cfg.train.max_steps:

@@ -33,8 +33,19 @@ def straight(tiny, tmp_path_factory) -> Path:
     """One uninterrupted run of MAX_STEPS steps, checkpoints every 2, keep 2."""
     out = tmp_path_factory.mktemp("straight")
     cfg = write_run_config(out / "run.yaml", tiny, out / "run", train={"max_steps": MAX_STEPS})
-    _ok(deepspeed_train(cfg))
+    proc = deepspeed_train(cfg)
+    _ok(proc)
+    (out / "train.log").write_text(proc.stderr)
     return out / "run"
+
+
+def test_logged_parameter_count_is_the_models(straight, tiny):
+    """ZeRO-3 partitions the parameters inside deepspeed.initialize, leaving each rank empty placeholders:
+    the count logged is the model's, not what is left on a rank."""
+    from diffusers import UNet2DConditionModel
+
+    num_params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(str(tiny / "model" / "unet")).parameters())
+    assert f"policy: {num_params:,} trainable parameters, ZeRO stage 3" in (straight.parent / "train.log").read_text()
 
 
 def test_every_scalar_logged_and_finite(straight):

@@ -1,11 +1,16 @@
-"""What a crashed or finished run must not leave behind on the machine (CPU backend)."""
+"""What a crashed or finished run must not leave behind on the machine (CPU backend), and where it builds."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+
+from conftest import env
 
 
 @pytest.fixture
@@ -45,3 +50,21 @@ def test_shm_workspace_name_matches_deepspeeds(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29511")
     assert engine.shm_workspace_path(1).name == f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29511_1"
+
+
+def test_each_environment_builds_deepspeeds_ops_in_its_own_folder(tmp_path):
+    """Two venvs on one machine must not rebuild each other's DeepSpeed ops in the one folder torch
+    defaults to: without TORCH_EXTENSIONS_DIR, importing dpo_ds.engine puts the build under sys.prefix;
+    an explicit TORCH_EXTENSIONS_DIR still wins."""
+    probe = ("from dpo_ds import engine; from torch.utils.cpp_extension import _get_build_directory; "
+             "print(_get_build_directory('deepspeed_shm_comm', False))")
+
+    def build_dir(extensions_dir: str | None) -> Path:
+        e = {k: v for k, v in env().items() if k != "TORCH_EXTENSIONS_DIR"}
+        if extensions_dir is not None:
+            e["TORCH_EXTENSIONS_DIR"] = extensions_dir
+        out = subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip().splitlines()[-1])
+
+    assert build_dir(None) == Path(sys.prefix) / "torch_extensions" / "deepspeed_shm_comm"
+    assert build_dir(str(tmp_path)) == tmp_path / "deepspeed_shm_comm"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,6 +144,23 @@ def test_killed_rank_ends_the_job_and_is_named(tiny, tmp_path):
     assert code != 0, text[-6000:]
     assert time.monotonic() - killed_at < 120
     assert "rank 1" in text and "signal 9" in text, text[-6000:]
+
+
+def test_killed_rank_is_named_under_the_deepspeed_launcher(tiny, tmp_path):
+    """kill -9 of rank 0 under `deepspeed`: the job ends in bounded time, and the survivor names the dead
+    rank (the launcher's own last line names the last-started rank's command, whichever rank died)."""
+    run = tmp_path / "run"
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, run, train={"max_steps": 200},
+                           checkpoint={"every_steps": 1, "keep_last": 1, "export": False})
+    proc = launch(cfg)
+    wait_for(run / "checkpoints" / "latest", proc)
+    victim = rank_process(proc, 0)
+    killed_at = time.monotonic()
+    victim.kill()
+    code, text = finish(proc, timeout=120)
+    assert code != 0, text[-6000:]
+    assert time.monotonic() - killed_at < 60
+    assert f"dpo_ds.train: rank 1: rank 0 (pid {victim.pid} on host {socket.gethostname()}) died" in text, text[-6000:]
 
 
 def test_cut_off_checkpoint_is_never_resumed(straight, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,9 @@ def cached(small, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_precompute_matches_the_training_draw_and_one_vs_two_processes(cached, tmp_path):
+def test_precompute_matches_the_training_draw_and_one_vs_two_processes(cached, small, tmp_path):
+    from dpo_ds.data import decode_sample, tar_samples
+
     cfg, cache_dir = cached
     one = _cache_contents(cache_dir)
     assert one["manifest"]["fingerprint"]["num_draws"] == NUM_DRAWS
@@ -120,6 +123,9 @@ def test_precompute_matches_the_training_draw_and_one_vs_two_processes(cached, t
             assert first["t"][row, d].item() == noise.draw(0, key, d, (4, 8, 8), LAW)[0]
     assert first["t"].dtype == torch.float64
     assert torch.isfinite(first["ref_err_w"]).all() and (first["ref_err_w"] > 0).all()
+    shard = str(small / "shards" / "shard-000000.tar")
+    stored = [decode_sample(key, members, None)["content_hash"] for key, members in tar_samples(shard)]
+    assert first["content_hash"].tolist() == stored and len(set(stored)) == len(stored)
 
     _ok(_precompute(cfg, tmp_path / "two", nproc=2))
     two = _cache_contents(tmp_path / "two")
@@ -192,6 +198,7 @@ def test_missing_key_is_an_error_and_cached_draws_are_found(cached, tmp_path):
     path = str(copy / "shard-000001.tar.ref.safetensors")
     meta, tensors = read_shard_metadata(path), load_file(path)
     keys = json.loads(meta["keys"])
+    hashes = dict(zip(keys, tensors["content_hash"].tolist()))
     write_shard_cache(path, meta["shard"], keys[1:], {k: v[1:] for k, v in tensors.items()},
                       meta["fingerprint_sha256"], {"num_bad": "0", "has_eps": "false"})
     ref = _load(cfg, f"--reference.cache_dir={copy}")
@@ -199,6 +206,7 @@ def test_missing_key_is_an_error_and_cached_draws_are_found(cached, tmp_path):
     def batch(pair_keys, draw_index):
         draws = [noise.draw(0, k, draw_index, (4, 8, 8), LAW) for k in pair_keys]
         return {"keys": pair_keys, "draw_index": torch.full((len(pair_keys),), draw_index),
+                "content_hash": torch.tensor([hashes[k] for k in pair_keys]),
                 "t": torch.tensor([t for t, _ in draws], dtype=torch.float64),
                 "noise": torch.stack([n for _, n in draws])}
 
@@ -210,6 +218,112 @@ def test_missing_key_is_an_error_and_cached_draws_are_found(cached, tmp_path):
     assert torch.equal(r_w, tensors["ref_err_w"][1:, 1])
     with pytest.raises(ValueError, match="has t = "):
         ref.errors({**late, "t": late["t"] + 1}, None, None, None)
+
+
+def _copy_shards(small: Path, out: Path) -> Path:
+    import shutil
+
+    shutil.copytree(small / "shards", out)
+    return out
+
+
+@pytest.mark.slow
+def test_repeated_key_is_refused_by_the_tool_before_computing(small, tmp_path):
+    """A shard copied under another name repeats every key of the original: the tool stops before computing
+    anything, naming the key and both shards (rows are found by key, so the copy would take the original's)."""
+    import shutil
+
+    from dpo_ds.data import tar_samples
+
+    shards = _copy_shards(small, tmp_path / "shards")
+    shutil.copy(shards / "shard-000001.tar", shards / "shard-000009.tar")
+    cfg = write_run_config(tmp_path / "run.yaml", small, tmp_path / "run", data={"shards": str(shards)})
+    proc = _precompute(cfg, tmp_path / "cache")
+    first_key = next(tar_samples(str(shards / "shard-000001.tar")))[0]
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"pair key {first_key!r} is in shard shard-000001.tar and again in shard shard-000009.tar" in proc.stderr
+    assert not list((tmp_path / "cache").glob("*.ref.safetensors")), "the tool computed before refusing"
+
+
+@pytest.mark.slow
+def test_cache_with_a_repeated_key_is_refused_on_load(cached, tmp_path):
+    """A cache file whose keys repeat another file's (as a tool without the check wrote them) is refused
+    on load, naming the key and both shards, instead of serving a shifted row to every later key."""
+    import shutil
+
+    from dpo_ds.reference import read_shard_metadata, write_shard_cache
+    from safetensors.torch import load_file
+
+    cfg, cache_dir = cached
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    first_key = json.loads(read_shard_metadata(str(copy / "shard-000000.tar.ref.safetensors"))["keys"])[0]
+    path = str(copy / "shard-000002.tar.ref.safetensors")
+    meta, tensors = read_shard_metadata(path), load_file(path)
+    keys = json.loads(meta["keys"])
+    write_shard_cache(path, meta["shard"], [first_key, *keys[1:]], tensors, meta["fingerprint_sha256"],
+                      {"num_bad": "0", "has_eps": "false"})
+    with pytest.raises(ValueError, match=f"pair key '{first_key}' has rows in the files of shards shard-000000.tar "
+                                         "and shard-000002.tar"):
+        _load(cfg, f"--reference.cache_dir={copy}")
+
+
+def _reencode(src: Path, dst: Path) -> None:
+    """dst: src with every pair's latents_w changed (as another VAE or crop would), same names, keys, sizes."""
+    import io
+    import tarfile
+
+    from safetensors.torch import load, save
+
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tin.format) as tout:
+        for member in tin:
+            data = tin.extractfile(member).read()
+            if member.name.endswith(".safetensors"):
+                tensors = load(data)
+                tensors["latents_w"] = (tensors["latents_w"].float() * 0.9 + 0.01).to(tensors["latents_w"].dtype)
+                data = save(tensors)
+                assert len(data) == member.size
+            tout.addfile(member, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_cache_on_other_contents_is_refused_at_lookup(cached, small, tmp_path):
+    """Shards with the same names, sizes and keys but re-encoded latents match the fingerprint; the pair's
+    content hash does not, and the lookup says the shard changed since the cache was computed."""
+    from dpo_ds.data import collate_pairs, decode_sample, list_shards, tar_samples
+
+    cfg, _ = cached
+    shards = _copy_shards(small, tmp_path / "shards")
+    _reencode(small / "shards" / "shard-000001.tar", shards / "shard-000001.tar")
+    assert ([(os.path.basename(s.url), s.num_pairs, s.size_bytes) for s in list_shards(str(shards))]
+            == [(os.path.basename(s.url), s.num_pairs, s.size_bytes) for s in list_shards(str(small / "shards"))])
+    ref = _load(cfg, f"--data.shards={shards}")  # the fingerprint cannot tell: accepted
+
+    def batch(shard: str) -> dict:
+        samples = [decode_sample(k, m, None) for k, m in tar_samples(str(shards / shard))]
+        return collate_pairs(samples, 0, 0, 1000, None)
+
+    r_w, r_l = ref.errors(batch("shard-000000.tar"), None, None, None)  # untouched shard: served
+    assert torch.isfinite(r_w).all() and torch.isfinite(r_l).all()
+    changed = batch("shard-000001.tar")
+    with pytest.raises(ValueError, match=f"pair '{changed['keys'][0]}' of shard shard-000001.tar is not the pair "
+                                         "the cache was computed on") as err:
+        ref.errors(changed, None, None, None)
+    assert "the shard's contents changed since the cache was computed" in str(err.value)
+
+
+@pytest.mark.slow
+def test_cache_of_format_1_is_refused(cached, tmp_path):
+    """Format 1 caches hold no content hashes: refused, with the way out."""
+    import shutil
+
+    cfg, cache_dir = cached
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "dpo_ds.refcache/1"}))
+    with pytest.raises(ValueError, match="format 'dpo_ds.refcache/1' is not 'dpo_ds.refcache/2'.*recompute the cache"):
+        _load(cfg, f"--reference.cache_dir={copy}")
 
 
 # ---------------------------------------------------------------- training

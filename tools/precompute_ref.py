@@ -11,7 +11,8 @@ Writes (format: the docstring of dpo_ds/reference.py; DESIGN.md §5):
                                            written as .tmp and renamed, so no two ranks write one file
   CACHE_DIR/manifest.json                  by rank 0, last, once every shard file exists
 A restarted job skips shard files that are complete and made for the same fingerprint, and
-redoes the rest.
+redoes the rest. A pair key found in two shards is refused (exit 2) before anything is computed:
+cache rows are found by key.
 
   python tools/precompute_ref.py --config run.yaml --num-draws 4 [--cache-dir DIR] [--batch-size 16]
   deepspeed --num_gpus 8 tools/precompute_ref.py --config run.yaml --num-draws 4   (or srun / mpirun)
@@ -33,7 +34,7 @@ from dpo_ds.config import load_config, training_dtype
 from dpo_ds.data import BadSample, ShardInfo, collate_pairs, decode_sample, list_shards, tar_samples
 from dpo_ds.models.family import Family
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256,
-                              folder_weights_hash, read_shard_metadata, weights_hash, write_shard_cache)
+                              folder_weights_hash, read_shard_metadata, repeated_key, weights_hash, write_shard_cache)
 
 log = logging.getLogger("dpo_ds.precompute_ref")
 
@@ -92,7 +93,8 @@ def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, family: Family,
             num_bad += 1
     n, device = len(samples), next(model.parameters()).device
     out = {"t": torch.zeros(n, num_draws, dtype=torch.float64),
-           "ref_err_w": torch.zeros(n, num_draws), "ref_err_l": torch.zeros(n, num_draws)}
+           "ref_err_w": torch.zeros(n, num_draws), "ref_err_l": torch.zeros(n, num_draws),
+           "content_hash": torch.tensor([s["content_hash"] for s in samples], dtype=torch.int64)}
     if store_eps and n:
         shape = tuple(samples[0]["tensors"]["latents_w"].shape)
         out["eps_w"], out["eps_l"] = (torch.zeros(n, num_draws, *shape, dtype=torch.bfloat16) for _ in range(2))
@@ -113,6 +115,19 @@ def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, family: Family,
                 out["eps_l"][rows, draw_index] = eps_l.to("cpu", torch.bfloat16)
             progress.update(len(batch["keys"]))
     return [s["key"] for s in samples], out, num_bad
+
+
+def _all_keys(mine: list[ShardInfo], todo: list[ShardInfo], cache_dir: str) -> dict[str, list[str]]:
+    """Every shard's pair keys, by shard name, on every rank: each rank reads its own shards' keys (the
+    tar, or a finished cache file's metadata), then all ranks exchange them."""
+    keys = {}
+    for shard in mine:
+        name = os.path.basename(shard.url)
+        if shard in todo:
+            keys[name] = [key for key, _ in tar_samples(shard.url)]
+        else:
+            keys[name] = json.loads(read_shard_metadata(os.path.join(cache_dir, name + FILE_SUFFIX))["keys"])
+    return {name: k for rank_keys in engine.all_gather_object(keys) for name, k in rank_keys.items()}
 
 
 def _is_complete(path: str, digest: str, store_eps: bool) -> bool:
@@ -149,15 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     fp = fingerprint(cfg, family, shards, ref_hash, args.num_draws, dtype_name)
     digest = fingerprint_sha256(fp)
 
+    mine = [s for i, s in enumerate(shards) if i % world_size == rank]
+    todo = [s for s in mine if not _is_complete(os.path.join(cache_dir, os.path.basename(s.url) + FILE_SUFFIX),
+                                                digest, args.store_eps)]
+    repeated = repeated_key(_all_keys(mine, todo, cache_dir))
+    if repeated is not None:  # the same on every rank, so all stop here together
+        key, first, second = repeated
+        if rank == 0:
+            print(f"precompute_ref: error: pair key {key!r} is in shard {first} and again in shard {second}; keys "
+                  "must be unique across data.shards (a shard copied under another name?): remove the copy",
+                  file=sys.stderr)
+        engine.destroy()
+        return 2
+
     os.makedirs(cache_dir, exist_ok=True)
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
     if rank == 0 and os.path.isfile(manifest_path):
         os.remove(manifest_path)  # rewritten at the end; meanwhile training refuses a half-updated cache
     engine.barrier()
 
-    mine = [s for i, s in enumerate(shards) if i % world_size == rank]
-    todo = [s for s in mine if not _is_complete(os.path.join(cache_dir, os.path.basename(s.url) + FILE_SUFFIX),
-                                                digest, args.store_eps)]
     if rank == 0:
         log.info("reference cache %s: %d shards, %d draws, %s, %d ranks; rank 0 skips %d complete shard(s)",
                  cache_dir, len(shards), args.num_draws, dtype_name, world_size, len(mine) - len(todo))
