@@ -447,20 +447,34 @@ def config_for_resume(ds_config: dict, ckpt_dir: str, tag: str | None) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def find_resume_tag(ckpt_dir: str, resume: str) -> str | None:
-    """The checkpoint tag to resume from: `none` -> None; `auto` -> the newest complete one, if any."""
-    if resume == "none":
-        return None
-    if resume == "auto":
+def complete_tag(ckpt_dir: str, tag: str) -> str:
+    """A complete checkpoint's tag: `latest` -> the tag it names; any other tag as given. Refuses a checkpoint
+    cut off mid-write (no COMPLETE marker: rank 0 writes it once every rank's shards are on disk)."""
+    if tag == LATEST:
         latest = Path(ckpt_dir, LATEST)
         if not latest.is_file():
-            return None
+            raise ValueError(f"{latest} does not exist: the run has saved no complete checkpoint yet; "
+                             "pass a tag with one of the folders of checkpoints/")
         tag = latest.read_text().strip()
-    else:
-        tag = resume
-    if not Path(ckpt_dir, tag, COMPLETE).is_file():
-        raise ValueError(f"checkpoint.resume: {ckpt_dir}/{tag} is not a complete checkpoint")
+    complete = sorted(d.name for d in Path(ckpt_dir).iterdir() if (d / COMPLETE).is_file()) \
+        if Path(ckpt_dir).is_dir() else []
+    folder = Path(ckpt_dir, tag)
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint {folder} does not exist; complete checkpoints: {complete or 'none'}")
+    if not (folder / COMPLETE).is_file():
+        raise ValueError(f"checkpoint {folder} is incomplete (no {COMPLETE} marker: cut off while being written); "
+                         f"complete checkpoints: {complete or 'none'}")
     return tag
+
+
+def find_resume_tag(ckpt_dir: str, resume: str) -> str | None:
+    """The checkpoint tag to resume from: `none` -> None; `auto` -> the newest complete one, if any; else that tag."""
+    if resume == "none" or (resume == "auto" and not Path(ckpt_dir, LATEST).is_file()):
+        return None
+    try:
+        return complete_tag(ckpt_dir, LATEST if resume == "auto" else resume)
+    except ValueError as e:
+        raise ValueError(f"checkpoint.resume: {e}") from None
 
 
 def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:

@@ -51,6 +51,20 @@ def diffusion_dpo_loss(
     loss; 0: the loser only sets the sigmoid's weight). The value of the loss
     does not change.
     """
+    if not 0.0 <= loser_weight <= 1.0:
+        raise ValueError(f"loser_weight must be in [0, 1], got {loser_weight}")
+    if loser_weight != 1.0:
+        # Same value, gradient scaled: w·e_l + (1 − w)·stopgrad(e_l).
+        model_err_l = loser_weight * model_err_l + (1.0 - loser_weight) * model_err_l.detach()
+    logits, diagnostics = _reward_margins(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, weights)
+    return -F.logsigmoid(logits).mean(), diagnostics
+
+
+def _reward_margins(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
+                    ref_err_l: torch.Tensor, beta: float, weights: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[N] implicit reward margins −(β/2)·z, z = (e_w − r_w) − (e_l − r_l) (times ω(t) when given), and the
+    detached [ ] diagnostics every preference objective reports. Checks the inputs' shapes."""
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     errs = {"model_err_w": model_err_w, "model_err_l": model_err_l, "ref_err_w": ref_err_w, "ref_err_l": ref_err_l}
@@ -59,20 +73,12 @@ def diffusion_dpo_loss(
             raise ValueError(f"{name} must have shape [N] = {tuple(model_err_w.shape[:1])}, got {tuple(e.shape)}")
     if weights is not None and weights.shape != model_err_w.shape:
         raise ValueError(f"weights must have shape {tuple(model_err_w.shape)}, got {tuple(weights.shape)}")
-
-    if not 0.0 <= loser_weight <= 1.0:
-        raise ValueError(f"loser_weight must be in [0, 1], got {loser_weight}")
-    if loser_weight != 1.0:
-        # Same value, gradient scaled: w·e_l + (1 − w)·stopgrad(e_l).
-        model_err_l = loser_weight * model_err_l + (1.0 - loser_weight) * model_err_l.detach()
     gap_w = model_err_w - ref_err_w
     gap_l = model_err_l - ref_err_l
     z = gap_w - gap_l
     if weights is not None:
         z = z * weights
-    logits = -0.5 * beta * z  # the implicit reward margin of each pair
-    loss = -F.logsigmoid(logits).mean()
-
+    logits = -0.5 * beta * z
     with torch.no_grad():
         diagnostics = {
             "implicit_acc": ((z < 0).float() + 0.5 * (z == 0).float()).mean(),
@@ -80,9 +86,9 @@ def diffusion_dpo_loss(
             "gap_w": gap_w.mean(),
             "gap_l": gap_l.mean(),
             "saturation": (torch.sigmoid(logits) > SATURATION_PROB).float().mean(),
-            **{name: e.detach().mean() for name, e in errs.items()},
+            **{name: e.mean() for name, e in errs.items()},
         }
-    return loss, {k: v.detach() for k, v in diagnostics.items()}
+    return logits, {k: v.detach() for k, v in diagnostics.items()}
 
 
 def diffusion_ipo_loss(
@@ -100,10 +106,8 @@ def diffusion_ipo_loss(
     margin reaches `margin`, so the loser's error is not raised without bound.
     Inputs as for `diffusion_dpo_loss`; same diagnostics.
     """
-    _, diagnostics = diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=beta)
-    z = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
-    loss = (-0.5 * beta * z - margin).pow(2).mean()
-    return loss, diagnostics
+    logits, diagnostics = _reward_margins(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
+    return (logits - margin).pow(2).mean(), diagnostics
 
 
 def sft_loss(*errors: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from dpo_ds import engine
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards
+from dpo_ds.dtypes import DTYPES
 from dpo_ds.losses import NOISE_BUCKETS, bucket_sums, preference_loss, sft_loss
 from dpo_ds.metrics import Metrics
 from dpo_ds.models.family import Family
@@ -24,7 +25,6 @@ from dpo_ds.reference import CachedReference, LiveReference, folder_weights_hash
 
 log = logging.getLogger("dpo_ds")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Diagnostics averaged over micro-batches and ranks, logged as train/<name> (val/<name>).
 DIAGNOSTICS = ("loss", "implicit_acc", "reward_margin", "model_err_w", "model_err_l", "ref_err_w", "ref_err_l",
                "gap_w", "gap_l", "saturation")

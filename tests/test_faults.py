@@ -178,7 +178,7 @@ def test_cut_off_checkpoint_is_never_resumed(straight, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
     assert engine.find_resume_tag(str(ckpt), "auto") == last
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
+    with pytest.raises(ValueError, match="checkpoint.resume: checkpoint .* is incomplete"):
         engine.find_resume_tag(str(ckpt), cut.name)
     # A crash between the rank writes and `latest` leaves `latest` on the previous complete one.
     (ckpt / "latest").write_text(f"step_{MAX_STEPS - 2:08d}")

@@ -22,33 +22,11 @@ import json
 import os
 import sys
 
-import torch
-
 from dpo_ds import engine, models
 from dpo_ds.config import RunConfig, load_config
+from dpo_ds.dtypes import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def resolve_tag(ckpt_dir: str, tag: str) -> str:
-    """The checkpoint tag to export: `latest` -> the tag it names; refuse a checkpoint cut off mid-write."""
-    if tag == engine.LATEST:
-        latest = os.path.join(ckpt_dir, engine.LATEST)
-        if not os.path.isfile(latest):
-            raise ValueError(f"{latest} does not exist: the run has saved no complete checkpoint yet; "
-                             "pass --tag with one of the folders of checkpoints/")
-        with open(latest) as f:
-            tag = f.read().strip()
-    folder = os.path.join(ckpt_dir, tag)
-    complete = sorted(d for d in os.listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, d, engine.COMPLETE))) \
-        if os.path.isdir(ckpt_dir) else []
-    if not os.path.isdir(folder):
-        raise ValueError(f"--tag: checkpoint {folder} does not exist; complete checkpoints: {complete or 'none'}")
-    # The trainer writes COMPLETE only after every rank's shards are on disk (dpo_ds.engine.save_checkpoint).
-    if not os.path.isfile(os.path.join(folder, engine.COMPLETE)):
-        raise ValueError(f"--tag: checkpoint {folder} is incomplete (no {engine.COMPLETE} marker: cut off while "
-                         f"being written); pass --tag with a complete one: {complete or 'none'}")
-    return tag
+EXPORT_DTYPES = ("fp32", "bf16")  # what a diffusers folder is usually shipped in
 
 
 def denoiser_config(cfg: RunConfig, config_path: str) -> dict:
@@ -75,7 +53,10 @@ def export(run_dir: str, tag: str, out: str | None, dtype: str, config_path: str
     spec = models.family_class(cfg.model.family)
     unet_config = denoiser_config(cfg, config_path)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    tag = resolve_tag(ckpt_dir, tag)
+    try:
+        tag = engine.complete_tag(ckpt_dir, tag)
+    except ValueError as e:
+        raise ValueError(f"--tag: {e}") from None
     out = out or os.path.join(run_dir, "export", tag, spec.DENOISER_SUBFOLDER)
 
     state_dict = engine.consolidated_state_dict(ckpt_dir, tag)
@@ -94,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the training run's output_dir (holds config.yaml and checkpoints/)")
     p.add_argument("--tag", default=engine.LATEST, help="checkpoint folder under checkpoints/; default: latest")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the written weights")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32", help="precision of the written weights")
     p.add_argument("--out", help="output folder; default OUTPUT_DIR/export/<tag>/unet")
     p.add_argument("--config", help="the run's config; default OUTPUT_DIR/config.yaml")
     args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -32,13 +32,12 @@ from tqdm import tqdm
 from dpo_ds import engine, launchenv, models
 from dpo_ds.config import load_config, training_dtype
 from dpo_ds.data import BadSample, ShardInfo, collate_pairs, decode_sample, list_shards, tar_samples
+from dpo_ds.dtypes import DTYPES
 from dpo_ds.models.family import Family
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256,
                               folder_weights_hash, read_shard_metadata, repeated_key, weights_hash, write_shard_cache)
 
 log = logging.getLogger("dpo_ds.precompute_ref")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

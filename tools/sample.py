@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dpo_ds.dtypes import DTYPES
+
 SIDES = ("reference", "policy")
 BASE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
