@@ -301,7 +301,7 @@ def test_cache_on_other_contents_is_refused_at_lookup(cached, small, tmp_path):
 
     def batch(shard: str) -> dict:
         samples = [decode_sample(k, m, None) for k, m in tar_samples(str(shards / shard))]
-        return collate_pairs(samples, 0, 0, 1000, None)
+        return collate_pairs(samples, 0, 0, LAW)
 
     r_w, r_l = ref.errors(batch("shard-000000.tar"), None, None, None)  # untouched shard: served
     assert torch.isfinite(r_w).all() and torch.isfinite(r_l).all()
