@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, deepspeed_train, env, write_run_config
-from tiny_sdxl import RESOLUTION, build_tiny_clip, build_tiny_sdxl
+from tiny_sdxl import RESOLUTION, build_tiny_clip, build_tiny_sd15, build_tiny_sdxl
 
 PROMPTS = ["the red cat", "", "a blue house, 3 windows", "the dog!"]  # the blank line is skipped
 NUM_PROMPTS = 3
@@ -227,6 +227,34 @@ def test_sample_same_seed_same_images(sampled, base, policy_unet, prompts, tmp_p
     assert load_tool("sample").main(sample_args(base, policy_unet, prompts, tmp_path / "c", "--seed", "7")) == 0
     assert not np.array_equal(pixels(tmp_path / "c" / first[0]["reference"]),
                               pixels(sampled / first[0]["reference"]))
+
+
+def test_sample_runs_the_sd15_family(prompts, tmp_path):
+    """--family sd15 samples with StableDiffusionPipeline from an SD 1.5-layout folder: a picture per
+    prompt and side, and a perturbed UNet samples other pictures than the base's."""
+    from diffusers import UNet2DConditionModel
+
+    base = build_tiny_sd15(tmp_path / "sd15")
+    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    unet.save_pretrained(str(tmp_path / "policy"), safe_serialization=True)
+    assert load_tool("sample").main(sample_args(base, tmp_path / "policy", prompts, tmp_path / "out",
+                                                "--family", "sd15")) == 0
+    summary = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert summary["family"] == "sd15" and len(summary["samples"]) == NUM_PROMPTS
+    for r in summary["samples"]:
+        ref, pol = pixels(tmp_path / "out" / r["reference"]), pixels(tmp_path / "out" / r["policy"])
+        assert ref.shape == pol.shape == (RESOLUTION, RESOLUTION, 3) and ref.std() > 0
+    assert any(not np.array_equal(pixels(tmp_path / "out" / r["reference"]), pixels(tmp_path / "out" / r["policy"]))
+               for r in summary["samples"])
+    # A folder without the family's parts is refused, naming them.
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    shutil.rmtree(broken / "text_encoder")
+    proc = run_tool("sample", *sample_args(broken, broken / "unet", prompts, tmp_path / "x", "--family", "sd15"))
+    assert proc.returncode == 2 and "lacks ['text_encoder']; pass a sd15 diffusers folder" in proc.stderr
 
 
 def test_sample_refuses_bad_inputs(base, policy_unet, tmp_path):

@@ -1,6 +1,6 @@
 """Tiny models built from config for tests of the tools, nothing downloaded.
 
-build_tiny_sdxl: an SDXL-layout model folder (vae/, text_encoder(_2)/, tokenizer(_2)/, unet/, scheduler/)
+build_tiny_sdxl / build_tiny_sd15: an SDXL- / SD 1.5-layout model folder (vae/, text_encoder(_2)/, tokenizer(_2)/, unet/, scheduler/)
 whose UNet is tools/make_synthetic.py's (sdxl.TINY_UNET_CONFIG, seed 0), the same weights the `tiny`
 fixture trains from. build_tiny_clip: a CLIPModel folder with its tokenizer and image processor, the
 layout of PickScore-style preference models.
@@ -60,6 +60,28 @@ def build_tiny_sdxl(root: Path) -> Path:
         vocab = write_tokenizer(root / f"tokenizer{suffix}")
         cls(CLIPTextConfig(**_text_config(vocab, projection_dim=32))).save_pretrained(
             str(root / f"text_encoder{suffix}"), safe_serialization=True)
+    return root
+
+
+def build_tiny_sd15(root: Path) -> Path:
+    """vae/, text_encoder/, tokenizer/, unet/, scheduler/: SD 1.5's layout at toy sizes; the UNet is
+    tools/make_synthetic.py's for --family sd15 (sd15.TINY_UNET_CONFIG, seed 0), its text width 32."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "tools" / "make_synthetic.py")
+    make_synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_synthetic)
+    make_synthetic.write_model(str(root), seed=0, family="sd15")
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=[8, 8, 16, 16], norm_num_groups=8, latent_channels=4,
+                        sample_size=RESOLUTION, scaling_factor=0.18215)
+    vae.save_pretrained(str(root / "vae"), safe_serialization=True)
+    vocab = write_tokenizer(root / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(**_text_config(vocab))).save_pretrained(str(root / "text_encoder"),
+                                                                        safe_serialization=True)
     return root
 
 

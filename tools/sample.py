@@ -1,8 +1,9 @@
 """Sample the reference and the policy side by side: same prompts, same seeds, deterministic sampler.
 
-A diffusers StableDiffusionXLPipeline is assembled from the components of a local base model folder
-(vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/; no model_index.json
-needed) and run twice over the prompt file (one prompt per line, blank lines skipped): once with the
+The model family's diffusers pipeline (`--family`: sdxl's StableDiffusionXLPipeline, sd15's
+StableDiffusionPipeline) is assembled from the components of a local base model folder (sdxl: vae/,
+text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/; sd15: vae/, text_encoder/,
+tokenizer/, scheduler/; no model_index.json needed) and run twice over the prompt file (one prompt per line, blank lines skipped): once with the
 reference UNet (default BASE/unet) and once with the policy UNet (a folder from tools/export.py or a
 run's export/unet). Prompt i starts from the noise of seed SEED + i in both runs, drawn on the CPU,
 and the sampler (DDIM with eta 0, or Euler without churn) adds no noise of its own, so the two
@@ -11,13 +12,13 @@ columns differ only by the UNet, and a rerun gives the same images.
 Writes:
   OUT/reference/NNNNN.png, OUT/policy/NNNNN.png   one image per prompt (NNNNN = prompt index)
   OUT/grid.png       reference (left column) vs policy (right), one row per prompt, the first --grid-rows
-  OUT/samples.json   {"base", "reference_unet", "policy_unet", "sampler", "steps", "guidance_scale",
+  OUT/samples.json   {"family", "base", "reference_unet", "policy_unet", "sampler", "steps", "guidance_scale",
                       "resolution", "dtype", "columns": ["reference", "policy"],
                       "samples": [{"index", "prompt", "seed", "reference": file, "policy": file}]}
                      files relative to OUT; tools/score.py reads it
 
-  python tools/sample.py --base SDXL_FOLDER --unet RUN/export/unet --prompts prompts.txt --out samples/ \
-      [--reference-unet DIR] [--steps 30] [--guidance-scale 5.0] [--resolution 1024] [--sampler euler|ddim]
+  python tools/sample.py [--family sdxl|sd15] --base BASE_FOLDER --unet RUN/export/unet --prompts prompts.txt \
+      --out samples/ [--reference-unet DIR] [--steps 30] [--guidance-scale 5.0] [--resolution 1024] [--sampler euler|ddim]
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dpo_ds import models
 from dpo_ds.dtypes import DTYPES
+from dpo_ds.models.family import Family
 
 SIDES = ("reference", "policy")
-BASE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -54,46 +56,29 @@ def _check_unet(folder: str, flag: str) -> None:
                          "(tools/export.py's output, a run's export/unet, or BASE/unet)")
 
 
-def load_base(base: str, sampler: str, dtype: torch.dtype, device: str) -> dict:
-    """Every pipeline component but the UNet, from the base model folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def load_scheduler(base: str, family: type[Family], sampler: str):
+    """The sampler, with the base model's betas, prediction type and timestep spacing."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-    missing = [part for part in BASE_PARTS if not os.path.isdir(os.path.join(base, part))]
+    missing = [part for part in family.BASE_PARTS if not os.path.isdir(os.path.join(base, part))]
     if missing:
-        raise ValueError(f"--base: {base} lacks {missing}; pass an SDXL diffusers folder "
-                         f"(with {', '.join(BASE_PARTS)}, unet)")
+        raise ValueError(f"--base: {base} lacks {missing}; pass a {family.NAME} diffusers folder "
+                         f"(with {', '.join(family.BASE_PARTS)}, unet)")
     with open(os.path.join(base, "scheduler", "scheduler_config.json")) as f:
         scheduler_config = json.load(f)
     # Both keep the base model's betas, prediction type and timestep spacing; neither adds noise
     # during sampling (DDIM's eta and Euler's churn default to 0), so the seed fixes the image.
     # DDIM's default clip_sample=True would clamp predicted latents to [-1, 1], where they do not live.
     if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
-    else:
-        scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
-    parts = {
-        "vae": AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=dtype),
-        "text_encoder": CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=dtype),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(os.path.join(base, "text_encoder_2"),
-                                                                      torch_dtype=dtype),
-        "tokenizer": CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer_2")),
-        "scheduler": scheduler,
-    }
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        parts[name].to(device).eval()
-    return parts
+        return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+    return EulerDiscreteScheduler.from_config(scheduler_config)
 
 
-def generate(parts: dict, unet_dir: str, prompts: list[str], seeds: list[int], args: argparse.Namespace,
-             side: str) -> Iterator[list[Image.Image]]:
-    """The images of the pipeline with this UNet, one prompt each, yielded batch by batch."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=DTYPES[args.dtype]).to(args.device).eval()
-    pipe = StableDiffusionXLPipeline(**parts, unet=unet, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+def generate(family: type[Family], scheduler, unet_dir: str, prompts: list[str], seeds: list[int],
+             args: argparse.Namespace, side: str) -> Iterator[list[Image.Image]]:
+    """The images of the family's pipeline with this UNet, one prompt each, yielded batch by batch."""
+    unet = family.denoiser_from_folder(unet_dir, DTYPES[args.dtype]).eval()
+    pipe = family.pipeline(args.base, unet, scheduler, DTYPES[args.dtype]).to(args.device)
     starts = range(0, len(prompts), args.batch_size)
     for start in tqdm(starts, desc=side, unit="batch", disable=args.no_progress):
         batch = slice(start, start + args.batch_size)
@@ -125,7 +110,8 @@ def sample(args: argparse.Namespace) -> dict:
     if args.resolution % 8:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of 8 (the VAE's scale factor)")
     seeds = [args.seed + i for i in range(len(prompts))]
-    parts = load_base(args.base, args.sampler, DTYPES[args.dtype], args.device)
+    family = models.family_class(args.family)
+    scheduler = load_scheduler(args.base, family, args.sampler)
 
     records = [{"index": i, "prompt": p, "seed": s} for i, (p, s) in enumerate(zip(prompts, seeds))]
     columns = []
@@ -134,7 +120,7 @@ def sample(args: argparse.Namespace) -> dict:
         # Images go to disk as they come: only the grid's rows are held, whatever the prompt count.
         column: list[Image.Image] = []
         pending = iter(records)
-        for images in generate(parts, unet_dir, prompts, seeds, args, side):
+        for images in generate(family, scheduler, unet_dir, prompts, seeds, args, side):
             for image, record in zip(images, pending):  # images first: zip must not draw a record too many
                 record[side] = f"{side}/{record['index']:05d}.png"
                 image.save(os.path.join(args.out, record[side]))
@@ -142,7 +128,7 @@ def sample(args: argparse.Namespace) -> dict:
                     column.append(image)
         columns.append(column)
     write_grid(columns, os.path.join(args.out, "grid.png"))
-    summary = {"base": os.path.abspath(args.base), "reference_unet": os.path.abspath(reference_unet),
+    summary = {"family": args.family, "base": os.path.abspath(args.base), "reference_unet": os.path.abspath(reference_unet),
                "policy_unet": os.path.abspath(args.unet), "sampler": args.sampler, "steps": args.steps,
                "guidance_scale": args.guidance_scale, "resolution": args.resolution, "dtype": args.dtype,
                "columns": list(SIDES), "samples": records}
@@ -153,8 +139,9 @@ def sample(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="base SDXL diffusers folder (vae, text encoders, tokenizers, "
-                                                 "scheduler; its unet/ is the default reference)")
+    p.add_argument("--family", choices=sorted(models.FAMILIES), default="sdxl", help="the model family (model.family)")
+    p.add_argument("--base", required=True, help="base diffusers folder of the family (vae, text encoder(s), "
+                                                 "tokenizer(s), scheduler; its unet/ is the default reference)")
     p.add_argument("--unet", required=True, help="the policy: an exported diffusers UNet folder")
     p.add_argument("--reference-unet", help="the reference UNet folder; default BASE/unet")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")

@@ -18,6 +18,8 @@ is built once per run from the run's model and data settings (dpo_ds.models.buil
                    batch from the batch's tensors
   the error        error: prediction vs target reduced to a per-sample error, the mean over
                    non-batch dimensions (times any loss weight the family defines)
+  sampling         BASE_PARTS and pipeline: the diffusers pipeline that samples with a denoiser,
+                   from the other components of a base model folder (tools/sample.py)
 
 Subclasses set NAME, LATENT_LAYOUT and DENOISER_SUBFOLDER.
 """
@@ -56,6 +58,11 @@ class Family(ABC):
 
     @staticmethod
     @abstractmethod
+    def denoiser_from_folder(folder: str, dtype: torch.dtype) -> torch.nn.Module:
+        """The denoiser saved in `folder` (a diffusers `unet/` or `transformer/` folder, e.g. export's output)."""
+
+    @staticmethod
+    @abstractmethod
     def set_attention(denoiser: torch.nn.Module, kind: str) -> None:
         """Use the attention kernel `kind` ("sdpa" or "xformers")."""
 
@@ -63,6 +70,16 @@ class Family(ABC):
     @abstractmethod
     def export(state_dict: dict[str, torch.Tensor], denoiser_config: dict, out_dir: str, dtype: torch.dtype) -> None:
         """Write trained weights as a diffusers folder that the denoiser class's from_pretrained loads."""
+
+    # ------------------------------------------------------------ sampling
+
+    BASE_PARTS: ClassVar[tuple[str, ...]]  # the base model folder's components a sampling pipeline needs
+
+    @staticmethod
+    @abstractmethod
+    def pipeline(base: str, denoiser: torch.nn.Module, scheduler, dtype: torch.dtype):
+        """The family's diffusers pipeline: BASE_PARTS loaded from the folder `base`, with `denoiser` and
+        `scheduler`, components in `dtype`, its progress bar off."""
 
     # ------------------------------------------------------------ data
 

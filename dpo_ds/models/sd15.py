@@ -8,6 +8,8 @@ scheduler config or model.prediction_type.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dpo_ds.models.unet2d import DDPMUNet2D
@@ -45,6 +47,22 @@ SD15_SCHEDULER_CONFIG = {
 
 class SD15(DDPMUNet2D):
     NAME = "sd15"
+    BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+    @staticmethod
+    def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):
+        from diffusers import AutoencoderKL, StableDiffusionPipeline
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        # No safety checker: samples are for comparing policy and reference, not for publishing.
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=dtype),
+            text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
+            unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def sample_schema(self, unet_config: dict) -> dict[str, tuple[int, ...]]:
         if unet_config.get("addition_embed_type") is not None:

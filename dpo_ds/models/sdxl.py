@@ -8,6 +8,8 @@ image (original size, crop top-left, target size).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dpo_ds.models.unet2d import DDPMUNet2D
@@ -51,6 +53,23 @@ SDXL_SCHEDULER_CONFIG = {
 
 class SDXL(DDPMUNet2D):
     NAME = "sdxl"
+    BASE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+    @staticmethod
+    def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):
+        from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=dtype),
+            text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=dtype),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(os.path.join(base, "text_encoder_2"),
+                                                                       torch_dtype=dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
+            tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer_2")),
+            unet=unet, scheduler=scheduler, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def sample_schema(self, unet_config: dict) -> dict[str, tuple[int, ...]]:
         latents = (int(unet_config["in_channels"]), self.latent_side, self.latent_side)

@@ -59,8 +59,13 @@ class DDPMUNet2D(Family):
         if config_path is not None:
             with open(config_path) as f:
                 return UNet2DConditionModel.from_config(json.load(f))
-        return UNet2DConditionModel.from_pretrained(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER),
-                                                    torch_dtype=torch.float32)
+        return cls.denoiser_from_folder(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER), torch.float32)
+
+    @staticmethod
+    def denoiser_from_folder(folder: str, dtype: torch.dtype) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
 
     @staticmethod
     def set_attention(unet: torch.nn.Module, kind: str) -> None:
