@@ -415,7 +415,7 @@ def prepare_video_row(spec: RowSpec, clip: ClipSpec, index: int, manifest_path: 
                              has_mismatched_sizes, sum(source["num_padded_frames"]))
 
 
-# ---------------------------------------------------------------- SDXL encoders
+# ---------------------------------------------------------------- encoders: pixels and captions to shard samples
 
 SDXL_LAYOUT = "an SDXL-layout diffusers folder (vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
 WAN_LAYOUT = "a Wan-layout diffusers folder (vae/, text_encoder/, tokenizer/)"
@@ -428,27 +428,20 @@ def _subfolder(root: str, name: str, layout: str = SDXL_LAYOUT) -> str:
     return path
 
 
-class SDXLEncoder:
-    """The SDXL VAE and two CLIP text encoders from a local diffusers folder, frozen, in eval mode."""
+class _ImageVAE:
+    """An AutoencoderKL from a local folder, frozen: the image families' pixels-to-latents half."""
 
-    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype):
+    def __init__(self, vae_path: str, device: torch.device, dtype: torch.dtype):
         from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        vae_path = vae_path or _subfolder(model_path, "vae")
         if not os.path.isfile(os.path.join(vae_path, "config.json")):
             raise ValueError(f"--vae {vae_path} has no config.json; point it at an AutoencoderKL folder")
         self.device, self.dtype = device, dtype
         self.vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
-        shift = self.vae.config.shift_factor  # None for SDXL's VAE
+        shift = self.vae.config.shift_factor  # None for SD's and SDXL's VAEs
         self.shift_factor = None if shift is None else float(shift)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.tokenizers = [CLIPTokenizer.from_pretrained(_subfolder(model_path, n))
-                           for n in ("tokenizer", "tokenizer_2")]
-        self.text_encoders = [
-            cls.from_pretrained(_subfolder(model_path, n), torch_dtype=dtype).to(device).eval().requires_grad_(False)
-            for cls, n in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
 
     @torch.no_grad()
     def encode_images(self, pixels_N3RR: torch.Tensor) -> torch.Tensor:
@@ -462,6 +455,25 @@ class SDXLEncoder:
             latents = latents - self.shift_factor
         return latents * self.scaling_factor
 
+    def _meta(self, family: str, pair: PreparedPair, resolution: int) -> dict:
+        return {"caption": pair.caption, "family": family, "latent_layout": "CHW",
+                "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, "label": 1.0,
+                "source": {"tool": "encode_pairs", "resolution": resolution, **pair.source}}
+
+
+class SDXLEncoder(_ImageVAE):
+    """The SDXL VAE and two CLIP text encoders from a local diffusers folder, frozen, in eval mode."""
+
+    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        super().__init__(vae_path or _subfolder(model_path, "vae"), device, dtype)
+        self.tokenizers = [CLIPTokenizer.from_pretrained(_subfolder(model_path, n))
+                           for n in ("tokenizer", "tokenizer_2")]
+        self.text_encoders = [
+            cls.from_pretrained(_subfolder(model_path, n), torch_dtype=dtype).to(device).eval().requires_grad_(False)
+            for cls, n in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
+
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions [B] -> prompt_embeds [B x 77 x (D1 + D2)] (penultimate states), pooled [B x P], float32."""
@@ -472,6 +484,49 @@ class SDXLEncoder:
             out = encoder(ids, output_hidden_states=True)
             states.append(out.hidden_states[-2].float())
         return torch.cat(states, dim=-1), out.text_embeds.float()  # pooled: text_encoder_2's projection
+
+    def samples(self, batch: list[PreparedPair], store_dtype: torch.dtype, resolution: int):
+        """(tensors, meta) of each pair of the batch, as the sdxl family's shards hold them."""
+        latents_w, latents_l = self.encode_images(torch.stack([p.pixels_w for p in batch] +
+                                                              [p.pixels_l for p in batch])).chunk(2)
+        prompt_embeds, pooled = self.encode_prompts([p.caption for p in batch])
+        for i, pair in enumerate(batch):
+            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
+                       "prompt_embeds": prompt_embeds[i].to(store_dtype),
+                       "pooled_prompt_embeds": pooled[i].to(store_dtype),
+                       "time_ids_w": pair.time_ids_w, "time_ids_l": pair.time_ids_l}
+            yield tensors, self._meta("sdxl", pair, resolution)
+
+
+class SD15Encoder(_ImageVAE):
+    """SD 1.5 / 2.x: the VAE and one CLIP text encoder from a local diffusers folder, frozen, in eval mode."""
+
+    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        layout = "an SD 1.5-layout diffusers folder (vae/, text_encoder/, tokenizer/)"
+        super().__init__(vae_path or _subfolder(model_path, "vae", layout), device, dtype)
+        self.tokenizer = CLIPTokenizer.from_pretrained(_subfolder(model_path, "tokenizer", layout))
+        self.text_encoder = CLIPTextModel.from_pretrained(_subfolder(model_path, "text_encoder", layout),
+                                                          torch_dtype=dtype).to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        """captions [B] -> prompt_embeds [B x 77 x D], the text encoder's last hidden states (as
+        StableDiffusionPipeline conditions the UNet), float32."""
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids).last_hidden_state.float()
+
+    def samples(self, batch: list[PreparedPair], store_dtype: torch.dtype, resolution: int):
+        """(tensors, meta) of each pair of the batch, as the sd15 family's shards hold them."""
+        latents_w, latents_l = self.encode_images(torch.stack([p.pixels_w for p in batch] +
+                                                              [p.pixels_l for p in batch])).chunk(2)
+        prompt_embeds = self.encode_prompts([p.caption for p in batch])
+        for i, pair in enumerate(batch):
+            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
+                       "prompt_embeds": prompt_embeds[i].to(store_dtype)}
+            yield tensors, self._meta("sd15", pair, resolution)
 
 
 class WanEncoder:
@@ -537,3 +592,17 @@ class WanEncoder:
         mask = tokens.attention_mask.to(self.device)
         states = self.text_encoder(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
         return states * mask[..., None].gt(0)
+
+    def samples(self, batch: list[PreparedVideoPair], store_dtype: torch.dtype, source: dict):
+        """(tensors, meta) of each pair of the batch, as the wan family's shards hold them."""
+        latents_w, latents_l = self.encode_videos(torch.stack([p.pixels_w for p in batch] +
+                                                              [p.pixels_l for p in batch])).chunk(2)
+        prompt_embeds = self.encode_prompts([p.caption for p in batch])
+        for i, pair in enumerate(batch):
+            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
+                       "prompt_embeds": prompt_embeds[i].to(store_dtype)}
+            # The normalisation is per channel, so scaling_factor is 1 and mean/std travel beside it.
+            meta = {"caption": pair.caption, "family": "wan", "latent_layout": "CFHW", "scaling_factor": 1.0,
+                    "shift_factor": None, "latents_mean": self.latents_mean, "latents_std": self.latents_std,
+                    "label": 1.0, "source": {"tool": "encode_pairs", **source, **pair.source}}
+            yield tensors, meta

@@ -306,3 +306,32 @@ def test_rows_take_hugging_face_image_structs_and_report_bad_labels(tmp_path):
         with pytest.raises(BadRow) as e:
             prepare_row(spec, 7, str(tmp_path / "m.parquet"), {**row, **change})
         assert e.value.reason == reason
+
+
+def test_sd15_family_encodes_one_text_encoders_last_states(world, tmp_path):
+    """--family sd15: the VAE's latents and one CLIP encoder's last hidden states, no pooled embedding or
+    time ids; the samples fit the sd15 family's schema for its UNet, so training reads them."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from dpo_ds.models import sd15
+    from tiny_sdxl import build_tiny_sd15
+
+    model = build_tiny_sd15(tmp_path / "sd15")
+    common = [a if a != str(world["model"]) else str(model) for a in world["common"]]
+    summary = ok(encode(*common, "--family", "sd15", "--out", str(tmp_path / "shards")))
+    assert summary["pairs_written"] == len(GOOD_ROWS)
+    family = sd15.SD15(sd15.SD15_SCHEDULER_CONFIG, None, RESOLUTION, 8)
+    schema = family.sample_schema(sd15.TINY_UNET_CONFIG)
+    pairs = {k: data.decode_sample(k, m, schema) for shard in data.list_shards(str(tmp_path / "shards"))
+             for k, m in data.tar_samples(shard.url)}
+    assert len(pairs) == len(GOOD_ROWS)
+    tokenizer = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+    encoder = CLIPTextModel.from_pretrained(str(model / "text_encoder")).eval()
+    for pair in pairs.values():
+        assert pair["meta"]["family"] == "sd15" and pair["meta"]["latent_layout"] == "CHW"
+        assert set(pair["tensors"]) == {"latents_w", "latents_l", "prompt_embeds"}
+        ids = tokenizer([pair["meta"]["caption"]], padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = encoder(ids).last_hidden_state[0]
+        assert torch.allclose(pair["tensors"]["prompt_embeds"].float(), expected, atol=2e-3)

@@ -50,8 +50,8 @@ import torch
 
 from dpo_ds import launchenv
 from dpo_ds.data import INDEX_FORMAT, INDEX_FORMATS, INDEX_NAME, ShardWriter
-from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, SDXLEncoder,
-                           WanEncoder, key_fraction, prepare_row, prepare_video_row)
+from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, SD15Encoder,
+                           SDXLEncoder, WanEncoder, key_fraction, prepare_row, prepare_video_row)
 
 log = logging.getLogger("encode_pairs")
 
@@ -60,17 +60,18 @@ STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUM_LOGGED_PER_REASON = 20  # bad rows logged one by one per reason; the rest only counted
 VIDEO_FAMILIES = ("wan",)
-DEFAULT_BATCH_SIZES = {"sdxl": 16, "wan": 1}  # a Wan clip is already dozens of frames through the VAE
+DEFAULT_BATCH_SIZES = {"sdxl": 16, "sd15": 16, "wan": 1}  # a Wan clip is already dozens of frames through the VAE
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", nargs="+", required=True, help="Parquet/JSONL/CSV file(s), read in this order")
-    p.add_argument("--family", choices=["sdxl", *VIDEO_FAMILIES], default="sdxl",
-                   help="sdxl: pairs of images; wan: pairs of videos (Wan 2.1 T2V: AutoencoderKLWan + UMT5)")
+    p.add_argument("--family", choices=["sdxl", "sd15", *VIDEO_FAMILIES], default="sdxl",
+                   help="sdxl, sd15 (SD 1.5 / 2.x): pairs of images; wan: pairs of videos (Wan 2.1 T2V: "
+                   "AutoencoderKLWan + UMT5)")
     p.add_argument("--model", required=True,
                    help="diffusers folder; sdxl: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; "
-                   "wan: vae/, text_encoder/, tokenizer/")
+                   "sd15: vae/, text_encoder/, tokenizer/; wan: vae/, text_encoder/, tokenizer/")
     p.add_argument("--vae", default=None, help="VAE folder to use instead of MODEL/vae "
                    "(e.g. an fp16-safe SDXL VAE)")
     p.add_argument("--out", required=True, help="folder for the training shards")
@@ -165,7 +166,7 @@ class Encoder:
     """Encodes this rank's chunks; owns the models, the row reader threads and the counts."""
 
     def __init__(self, args: argparse.Namespace, manifest: Manifest, spec: RowSpec, clip: ClipSpec | None,
-                 settings: dict, encoder: SDXLEncoder | WanEncoder, store_dtype: torch.dtype):
+                 settings: dict, encoder: SDXLEncoder | SD15Encoder | WanEncoder, store_dtype: torch.dtype):
         self.args, self.manifest, self.spec, self.clip, self.settings = args, manifest, spec, clip, settings
         self.encoder, self.store_dtype = encoder, store_dtype
         self.num_logged: collections.Counter = collections.Counter()
@@ -234,38 +235,11 @@ class Encoder:
                         " (further rows with this reason are only counted)"
                         if self.num_logged[error.reason] == NUM_LOGGED_PER_REASON else "")
 
-    def _samples_sdxl(self, batch: list[PreparedPair]) -> Iterator[tuple[dict, dict]]:
-        latents = self.encoder.encode_images(torch.stack([p.pixels_w for p in batch] + [p.pixels_l for p in batch]))
-        latents_w, latents_l = latents.chunk(2)
-        prompt_embeds, pooled = self.encoder.encode_prompts([p.caption for p in batch])
-        for i, pair in enumerate(batch):
-            tensors = {"latents_w": latents_w[i].to(self.store_dtype), "latents_l": latents_l[i].to(self.store_dtype),
-                       "prompt_embeds": prompt_embeds[i].to(self.store_dtype),
-                       "pooled_prompt_embeds": pooled[i].to(self.store_dtype),
-                       "time_ids_w": pair.time_ids_w, "time_ids_l": pair.time_ids_l}
-            meta = {"caption": pair.caption, "family": "sdxl", "latent_layout": "CHW",
-                    "scaling_factor": self.encoder.scaling_factor, "shift_factor": self.encoder.shift_factor,
-                    "label": 1.0, "source": {"tool": "encode_pairs", "resolution": self.args.resolution, **pair.source}}
-            yield tensors, meta
-
-    def _samples_wan(self, batch: list[PreparedVideoPair]) -> Iterator[tuple[dict, dict]]:
-        args = self.args
-        latents = self.encoder.encode_videos(torch.stack([p.pixels_w for p in batch] + [p.pixels_l for p in batch]))
-        latents_w, latents_l = latents.chunk(2)
-        prompt_embeds = self.encoder.encode_prompts([p.caption for p in batch])
-        for i, pair in enumerate(batch):
-            tensors = {"latents_w": latents_w[i].to(self.store_dtype), "latents_l": latents_l[i].to(self.store_dtype),
-                       "prompt_embeds": prompt_embeds[i].to(self.store_dtype)}
-            # The normalisation is per channel, so scaling_factor is 1 and mean/std travel beside it.
-            meta = {"caption": pair.caption, "family": "wan", "latent_layout": "CFHW", "scaling_factor": 1.0,
-                    "shift_factor": None, "latents_mean": self.encoder.latents_mean,
-                    "latents_std": self.encoder.latents_std, "label": 1.0,
-                    "source": {"tool": "encode_pairs", "resolution": [args.height, args.width],
-                               "num_frames": args.num_frames, "fps": args.fps, **pair.source}}
-            yield tensors, meta
-
     def _write_batch(self, batch: list, writers: dict[str, ShardWriter], stats: ChunkStats) -> None:
-        samples = self._samples_wan(batch) if self.args.is_video else self._samples_sdxl(batch)
+        args = self.args
+        source = ({"resolution": [args.height, args.width], "num_frames": args.num_frames, "fps": args.fps}
+                  if args.is_video else args.resolution)
+        samples = self.encoder.samples(batch, self.store_dtype, source)
         for pair, (tensors, meta) in zip(batch, samples):
             is_val = "val" in writers and key_fraction(pair.key) < self.args.val_fraction
             try:
@@ -387,8 +361,10 @@ def main(argv: list[str] | None = None) -> int:
                     "max_shard_bytes": args.max_shard_bytes, "prefix": args.prefix,
                     "val_fraction": args.val_fraction, "store_dtype": args.store_dtype,
                     "model": os.path.abspath(args.model), "vae": args.vae and os.path.abspath(args.vae)}
-        if args.is_video:  # image runs keep the settings they always had, so their outputs still resume
-            settings.update(family=args.family, height=args.height, width=args.width, num_frames=args.num_frames,
+        if args.family != "sdxl":  # SDXL runs keep the settings they always had, so their outputs still resume
+            settings.update(family=args.family)
+        if args.is_video:
+            settings.update( height=args.height, width=args.width, num_frames=args.num_frames,
                             fps=args.fps, short_clips=args.short_clips,
                             max_sequence_length=args.max_sequence_length)
         os.makedirs(os.path.join(args.out, PROGRESS_DIR), exist_ok=True)
@@ -413,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"--num-frames {args.num_frames} must be 1 + a multiple of the VAE's temporal "
                                      f"scale factor {temporal}, e.g. {nearest}")
             else:
-                encoder = SDXLEncoder(args.model, args.vae, device, dtype)
+                encoder = (SD15Encoder if args.family == "sd15" else SDXLEncoder)(args.model, args.vae, device, dtype)
                 if args.resolution % encoder.vae_scale_factor:
                     raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE's scale factor "
                                      f"{encoder.vae_scale_factor}")
