@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import safetensors
 import safetensors.torch
@@ -53,6 +54,7 @@ import torch
 from dpo_ds import engine
 from dpo_ds.config import RunConfig
 from dpo_ds.data import ShardInfo
+from dpo_ds.dtypes import DTYPES
 from dpo_ds.models.family import Family
 
 log = logging.getLogger("dpo_ds")
@@ -61,6 +63,64 @@ CACHE_FORMAT = "dpo_ds.refcache/2"
 TOOL_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FILE_SUFFIX = ".ref.safetensors"
+
+
+@dataclass
+class References:
+    """Where a training run's reference errors come from: its training pairs', its held-out pairs' (None
+    without validation), and a live reference beside a cache for the drift check (None without one)."""
+    train: "LiveReference | CachedReference | None"
+    val: "LiveReference | CachedReference | None"
+    drift: "LiveReference | None"
+
+
+def for_training(cfg: RunConfig, family: Family, shards: list[ShardInfo], val_shards: list[ShardInfo] | None,
+                 initial_policy: torch.nn.Module, policy_ds_config: dict, dtype: str) -> References:
+    """The one place a run's references are decided: none for the plain diffusion objective; with
+    reference.mode=cache, the verified caches of data.shards and data.val_shards (the reference model
+    built only for a drift check); else the live frozen reference, for both."""
+    torch_dtype = DTYPES[dtype]
+    if cfg.loss.type == "sft":
+        return References(None, None, None)
+    if cfg.reference.mode == "live":
+        live = LiveReference.build(cfg, family, initial_policy, policy_ds_config, torch_dtype)
+        return References(live, live if val_shards is not None else None, None)
+    # The reference model is never built from a cache; only its weights are hashed, to check the cache.
+    ref_hash = weights_hash_of_reference(cfg, family, initial_policy)
+
+    def open_cache(cache_dir: str, cache_shards: list[ShardInfo]) -> CachedReference:
+        cache_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache_dir": cache_dir})})
+        # num_draws=0: K is the cache's to say.
+        return CachedReference.load(cache_cfg, fingerprint(cache_cfg, family, cache_shards, ref_hash, 0, dtype))
+
+    train = open_cache(cfg.reference.cache_dir, shards)
+    val = open_cache(cfg.reference.val_cache_dir, val_shards) if val_shards is not None else None
+    drift = None
+    if cfg.reference.drift_check_every:
+        drift = LiveReference.build(cfg, family, initial_policy, policy_ds_config, torch_dtype)
+    elif engine.rank() == 0:
+        log.info("reference: the reference model is not built (reference.mode=cache, no drift check)")
+    return References(train, val, drift)
+
+
+def frozen_model(cfg: RunConfig, family: Family) -> tuple[torch.nn.Module, str]:
+    """The reference model as training defines it, built alone (the precompute tool), and its weights hash:
+    reference.pretrained_path if set, else the policy's initial weights, built as the trainer builds them."""
+    if cfg.reference.pretrained_path is not None:
+        model = family.load_denoiser(cfg.reference.pretrained_path, None)
+    else:
+        torch.manual_seed(cfg.seed)  # the trainer's init of a from-config policy, hence of its reference
+        model = family.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
+    family.set_attention(model, cfg.model.attention)
+    return model.requires_grad_(False).eval(), weights_hash_of_reference(cfg, family, model)
+
+
+def weights_hash_of_reference(cfg: RunConfig, family: Family, initial_policy: torch.nn.Module) -> str:
+    """The hash a cache's fingerprint holds: of reference.pretrained_path's weights if set (read from the folder,
+    so fp16 and fp32 copies agree), else of the policy's initial weights."""
+    if cfg.reference.pretrained_path is not None:
+        return folder_weights_hash(family, cfg.reference.pretrained_path)
+    return weights_hash(initial_policy.state_dict())
 
 
 class LiveReference:

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds import engine
+from dpo_ds import engine, reference
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.losses import NOISE_BUCKETS, bucket_sums, preference_loss, sft_loss
 from dpo_ds.metrics import Metrics
 from dpo_ds.models.family import Family
-from dpo_ds.reference import CachedReference, LiveReference, folder_weights_hash, fingerprint, weights_hash
 
 log = logging.getLogger("dpo_ds")
 
@@ -69,24 +68,11 @@ class Trainer:
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
         self.has_warned_cycling = False
-        self.drift_reference: LiveReference | None = None
         self.cache_drift: float | None = None  # ref/cache_drift of the last drift check, until it is logged
         self.is_drift_check_due = False
-        if self.has_cache:
-            # The reference model is never built from a cache; only its weights are hashed, to check the cache.
-            self.ref_hash = (folder_weights_hash(self.family, cfg.reference.pretrained_path)
-                             if cfg.reference.pretrained_path is not None else weights_hash(unet.state_dict()))
-            # K is the cache's to say
-            expected = fingerprint(cfg, self.family, shards, self.ref_hash, num_draws=0, dtype=dtype)
-            self.reference = CachedReference.load(cfg, expected)
-            if cfg.reference.drift_check_every:
-                self.drift_reference = LiveReference.build(cfg, self.family, unet, ds_config, self.dtype)
-            elif engine.rank() == 0:
-                log.info("reference: the reference model is not built (reference.mode=cache, no drift check)")
-        elif self.is_sft:
-            self.reference = None  # the plain diffusion objective needs no reference
-        else:
-            self.reference = LiveReference.build(cfg, self.family, unet, ds_config, self.dtype)
+        val_shards = list_shards(cfg.data.val_shards) if cfg.data.val_every else None
+        refs = reference.for_training(cfg, family, shards, val_shards, unet, ds_config, dtype)
+        self.reference, self.val_reference, self.drift_reference = refs.train, refs.val, refs.drift
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.policy = engine.Policy(unet, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
@@ -101,23 +87,12 @@ class Trainer:
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
         self.gap_w_positive_since: int | None = None
-        if cfg.data.val_every:
-            self._build_validation(dtype)
-
-    def _build_validation(self, dtype: str) -> None:
-        """Held-out pairs at a fixed draw, and where their reference errors come from."""
-        cfg = self.cfg
-        val_shards = list_shards(cfg.data.val_shards)
-        self.val_loader = PairLoader(
-            val_shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(), world_size=engine.world_size(),
-            seed=cfg.seed, num_workers=0, shuffle_buffer=1, schema=self.loader.schema, draw_t=self.family.draw_t,
-            num_draws=1)
-        self.val_reference = self.reference
-        if self.has_cache:
-            val_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(
-                update={"cache_dir": cfg.reference.val_cache_dir})})
-            expected = fingerprint(val_cfg, self.family, val_shards, self.ref_hash, num_draws=0, dtype=dtype)
-            self.val_reference = CachedReference.load(val_cfg, expected)
+        if val_shards is not None:
+            # Held-out pairs at a fixed draw (index 0), one pass in-process.
+            self.val_loader = PairLoader(
+                val_shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
+                world_size=engine.world_size(), seed=cfg.seed, num_workers=0, shuffle_buffer=1,
+                schema=self.loader.schema, draw_t=self.family.draw_t, num_draws=1)
 
     # ------------------------------------------------------------ the step
 

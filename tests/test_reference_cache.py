@@ -149,20 +149,16 @@ def test_precompute_matches_the_training_draw_and_one_vs_two_processes(cached, s
 
 
 def _load(cfg_path: Path, *overrides: str):
-    """The cache as the trainer opens it (same fingerprint, same loader), without starting a run."""
-    from dpo_ds import models
+    """The cache as the trainer opens it (dpo_ds.reference.for_training), without starting a run."""
+    from dpo_ds import models, reference
     from dpo_ds.config import load_config
     from dpo_ds.data import list_shards
-    from dpo_ds.reference import CachedReference, fingerprint, folder_weights_hash, weights_hash
 
     cfg = load_config(str(cfg_path), ["--reference.mode=cache", *overrides])
     family = models.build(cfg)
-    if cfg.reference.pretrained_path is not None:
-        ref_hash = folder_weights_hash(family, cfg.reference.pretrained_path)
-    else:
-        torch.manual_seed(cfg.seed)
-        ref_hash = weights_hash(family.load_denoiser(cfg.model.pretrained_path, None).state_dict())
-    return CachedReference.load(cfg, fingerprint(cfg, family, list_shards(cfg.data.shards), ref_hash, 0, "fp32"))
+    torch.manual_seed(cfg.seed)  # the trainer's fresh policy, as in Trainer.__init__
+    policy = family.load_denoiser(cfg.model.pretrained_path, None)
+    return reference.for_training(cfg, family, list_shards(cfg.data.shards), None, policy, {}, "fp32").train
 
 
 @pytest.mark.slow

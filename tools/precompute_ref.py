@@ -34,8 +34,8 @@ from dpo_ds.config import load_config, training_dtype
 from dpo_ds.data import BadSample, ShardInfo, collate_pairs, decode_sample, list_shards, tar_samples
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.models.family import Family
-from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256,
-                              folder_weights_hash, read_shard_metadata, repeated_key, weights_hash, write_shard_cache)
+from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256, frozen_model,
+                              read_shard_metadata, repeated_key, write_shard_cache)
 
 log = logging.getLogger("dpo_ds.precompute_ref")
 
@@ -56,20 +56,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def build_reference(cfg, family: Family, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
-    """The reference exactly as training defines it, and its weights hash (dpo_ds.reference.weights_hash)."""
-    if cfg.reference.pretrained_path is not None:
-        model = family.load_denoiser(cfg.reference.pretrained_path, None)
-        ref_hash = folder_weights_hash(family, cfg.reference.pretrained_path)
-    else:
-        torch.manual_seed(cfg.seed)  # the trainer's init of a from-config policy, hence of its reference
-        model = family.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
-        ref_hash = weights_hash(model.state_dict())
-    family.set_attention(model, cfg.model.attention)
-    model.requires_grad_(False)
+    """The reference exactly as training defines it (dpo_ds.reference.frozen_model), on `device` in `dtype`."""
+    model, ref_hash = frozen_model(cfg, family)
     model.to(device)
     if dtype != torch.float32:  # diffusers warns on any .to(dtype), even a no-op one
         model.to(dtype)
-    return model.eval(), ref_hash
+    return model, ref_hash
 
 
 def _batch(samples: list[dict], draw_index: int, cfg, family: Family, device: torch.device) -> dict:
