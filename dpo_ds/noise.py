@@ -4,7 +4,7 @@ Legend: N = batch, `...` = any latent layout (CHW for images, CFHW for video).
 
 The draw (timestep, noise) of a pair is a pure function of
 (global seed, pair key, draw index), computed on the CPU with a seeded
-torch.Generator (DESIGN.md §2). The reference cache is only valid because the
+torch.Generator (docs/design.md §2). The reference cache is only valid because the
 precompute tool and the trainer call the same function.
 """
 

@@ -5,7 +5,7 @@
 very noisy inputs the policy sees.
 
 `cache`: the errors tools/precompute_ref.py computed once per (pair, draw), at
-the same draw training makes (DESIGN.md §2, §5); the reference model is never
+the same draw training makes (docs/design.md §2, §5); the reference model is never
 built. Reading and writing the cache both live here, so the format has one home.
 
 Cache format (a contract; `CACHE_FORMAT`, nothing in it is decoded with pickle):
@@ -109,7 +109,7 @@ def folder_weights_hash(spec: ModuleType, pretrained_path: str) -> str:
 
 def fingerprint(cfg: RunConfig, shards: list[ShardInfo], reference_weights: str, num_draws: int,
                 dtype: str) -> dict:
-    """Everything the cached values depend on (DESIGN.md §5), as plain JSON."""
+    """Everything the cached values depend on (docs/design.md §5), as plain JSON."""
     scheduler = load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
     return {
         "tool_version": TOOL_VERSION,

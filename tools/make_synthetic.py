@@ -1,6 +1,6 @@
 """Write shards of random latent pairs and a tiny SDXL-shaped model, for demos and tests.
 
-Writes (DESIGN.md §4 format):
+Writes (docs/design.md §4 format):
   OUT/shards/shard-NNNNNN.tar, OUT/shards/index.json   random latent pairs + SDXL conditioning
   OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   a tiny UNet2DConditionModel
   OUT/model/scheduler/scheduler_config.json                          SDXL's training scheduler
