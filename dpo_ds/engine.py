@@ -227,6 +227,7 @@ class Policy:
         if optim.name == "adafactor":
             ds_config = {**ds_config, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
         params = [p for p in model.parameters() if p.requires_grad]
+        num_params = sum(p.numel() for p in params)  # counted before ZeRO-3 partitions them to empty tensors
         optimizer = None if "optimizer" in ds_config else _client_optimizer(params, optim, is_offloaded)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
@@ -234,7 +235,7 @@ class Policy:
         )
         self.is_zero3 = zero.get("stage", 0) == 3
         log.info("policy: %.2fM trainable parameters, ZeRO stage %d, optimizer %s%s",
-                 sum(p.numel() for p in params) / 1e6, zero.get("stage", 0),
+                 num_params / 1e6, zero.get("stage", 0),
                  type(optimizer).__name__ if optimizer is not None else ds_config["optimizer"].get("type"),
                  ", its state offloaded to cpu" if is_offloaded else "")
 

@@ -91,4 +91,8 @@ def test_terminal_shows_stages_progress_and_where_to_look(preferring_a):
         assert pointer in terminal, pointer
     assert {p.name for p in (out / "logs").iterdir()} == {"demo.log", "sft.log", "precompute_seed0.log", "dpo.log",
                                                           "live.log"}
-    assert "Setting accelerator" in (out / "logs" / "dpo.log").read_text()
+    assert not [b for b in bars if "nan" in b], "an SFT run's bar showed its missing accuracy as nan"
+    dpo_log = (out / "logs" / "dpo.log").read_text()
+    assert "Setting accelerator" in dpo_log
+    # counted before ZeRO-3 partitions the parameters (it said 0.00M)
+    assert re.search(r"policy: [1-9]\.\d\dM trainable parameters, ZeRO stage 3", dpo_log)

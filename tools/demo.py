@@ -141,8 +141,9 @@ class Console:
         attrs[1] &= ~termios.ONLCR  # keep the child's bytes as written: no \n -> \r\n
         termios.tcsetattr(child_tty, termios.TCSANOW, attrs)
         fcntl.ioctl(child_tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, self.width - len(self.INDENT) - 1, 0, 0))
-        with open(log, "wb") as f:
+        with open(log, "wb", buffering=0) as f:  # unbuffered: `tail -f` the log while the stage runs
             f.write(("+ " + " ".join(cmd) + "\n").encode())
+            self.bar(f"starting {Path(cmd[0]).name} ... (until its progress bar appears; log: {_shown(log)})")
             proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=child_tty,
                                     stderr=child_tty)
             os.close(child_tty)
