@@ -170,7 +170,7 @@ class Console:
     def fail(self, what: str, log: Path, num_lines: int = 25) -> None:
         tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-num_lines:]
         self.say(f"demo: stage {self.stage_num} failed: {what}. The last lines of {log}:")
-        self.term.write("".join(f"  | {line}\n" for line in tail))
+        self.term.write("".join(f"  | {line[:300]}{' ...' if len(line) > 300 else ''}\n" for line in tail))
         self.term.write(f"demo: full log: {log} (all logs in {self.logs})\n")
         raise SystemExit(1)
 
@@ -465,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         return _stages(args, overrides, names, seeds, console)
     except SystemExit:
         raise
+    except KeyboardInterrupt:
+        console.say(f"demo: interrupted; the logs so far are in {_shown(out / 'logs')}/")
+        return 130
     except BaseException as e:
         import traceback
 
