@@ -492,7 +492,7 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
                       "(loss.type=sft)")
         demo.train_reference()
     else:
-        console.stage(f"reference: {demo.reference} (from an earlier run)")
+        console.stage(f"reference: {_shown(demo.reference)} (from an earlier run)")
     ref_unet = UNet2DConditionModel.from_pretrained(str(demo.reference / "unet")).eval()
     ref_samples = demo.sample([ref_unet], "sampling")[0]
     ref_rate = _rate(ref_samples, args.prefer)
@@ -593,8 +593,10 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
     console.say(f"  the pictures     {rel(report / 'rates.png')}, curves.png, samples.png (same folder)")
     console.say(f"  the curves       tensorboard --logdir {rel(out / 'dpo' / 'tensorboard')}")
     console.say(f"  the logs         {rel(out / 'logs')}/")
-    console.say("  your own data    README.md, section \"Running a real job\" (and \"From raw preference data "
-                "to shards\")")
+    console.say("  your own data    python tools/encode_pairs.py --manifest PAIRS.parquet --model SDXL_DIR --out SHARDS "
+                "(README.md, \"From raw preference data to shards\"),")
+    console.say("                   then deepspeed --num_gpus N launch/train.py --deepspeed ds_configs/zero3.json "
+                "--config my_run.yaml (README.md, \"Running a real job\")")
     return 0
 
 
