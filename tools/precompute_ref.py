@@ -21,6 +21,7 @@ redoes the rest.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -58,16 +59,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.num_draws < 1 or args.batch_size < 1:
         p.error("--num-draws and --batch-size must be >= 1")
     return args, overrides
-
-
-def _settings_used(cfg) -> str:
-    parts = []
-    for dotted in CACHE_SETTINGS:
-        value = cfg
-        for name in dotted.split("."):
-            value = getattr(value, name)
-        parts.append(f"{dotted}={value}")
-    return ", ".join(parts)
 
 
 def build_reference(cfg, spec, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
@@ -182,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         log.info("reference cache %s: %d shards, %d draws, %s, %d ranks; rank 0 skips %d complete shard(s)",
                  cache_dir, len(shards), args.num_draws, dtype_name, world_size, len(mine) - len(todo))
-        log.info("settings used (all others ignored): %s", _settings_used(cfg))
+        log.info("settings used (all others ignored): %s",
+                 ", ".join(f"{name}={functools.reduce(getattr, name.split('.'), cfg)}" for name in CACHE_SETTINGS))
     progress = tqdm(total=sum(s.num_pairs for s in todo) * args.num_draws, unit="pair-draw", dynamic_ncols=True,
                     disable=rank != 0 or args.no_progress, desc="reference (rank 0)")
     for shard in todo:
