@@ -593,10 +593,8 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
     console.say(f"  the pictures     {rel(report / 'rates.png')}, curves.png, samples.png (same folder)")
     console.say(f"  the curves       tensorboard --logdir {rel(out / 'dpo' / 'tensorboard')}")
     console.say(f"  the logs         {rel(out / 'logs')}/")
-    console.say("  your own data    python tools/encode_pairs.py --manifest PAIRS.parquet --model SDXL_DIR --out SHARDS "
-                "(README.md, \"From raw preference data to shards\"),")
-    console.say("                   then deepspeed --num_gpus N launch/train.py --deepspeed ds_configs/zero3.json "
-                "--config my_run.yaml (README.md, \"Running a real job\")")
+    console.say("  your own data    README.md, section \"Running a real job\" (and \"From raw preference data "
+                "to shards\")")
     return 0
 
 
