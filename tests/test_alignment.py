@@ -47,7 +47,9 @@ def test_policy_moves_toward_the_preferred_mode(preferring_a):
 
 def test_reversed_preferences_move_the_other_way(preferring_a, tmp_path):
     out_a, result_a, _ = preferring_a
-    result_b, _ = _demo(tmp_path, "--prefer", "B", "--reference", str(out_a / "reference"), "--live-steps", "0")
+    result_b, terminal_b = _demo(tmp_path, "--prefer", "B", "--reference", str(out_a / "reference"),
+                                 "--live-steps", "0")
+    assert "[2/5] reference: " in terminal_b and "[5/5] evaluation: " in terminal_b, terminal_b
     # Same reference, same samples of it: its samples near a mode are either A or B.
     on_manifold = result_a["on_manifold"]["reference"]
     assert result_b["reference_rate"] + result_a["reference_rate"] == pytest.approx(on_manifold)

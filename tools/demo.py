@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     for old in out.glob("cache*"):
         shutil.rmtree(old, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
-    num_stages = 4 + (not args.reference) + (args.live_steps > 0) + bool(names)
+    num_stages = 5 + (args.live_steps > 0) + bool(names)  # data, reference, cache, policy, (live,) evaluation
     console = Console(out / "logs", num_stages)
     try:
         return _stages(args, overrides, names, seeds, console)
