@@ -13,6 +13,7 @@ DEMO_DIR ?= runs/demo
 .PHONY: venv demo demo-objectives test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "make: creating $(VENV) with torch and dpo_ds (first use only, a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -76,7 +76,7 @@ class DataConfig(_Section):
 
 class DPOConfig(_Section):
     beta: float = Field(5000.0, gt=0)
-    """β of Diffusion-DPO with mean-reduced errors (DESIGN.md §1); 5000 for SDXL in the paper's scripts."""
+    """β of Diffusion-DPO with mean-reduced errors (docs/design.md §1); 5000 for SDXL in the paper's scripts."""
 
 
 class LossConfig(_Section):
@@ -285,10 +285,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config, apply `--section.key=value` overrides, validate. Raises ValueError."""
+def _read(path: str | None, overrides: list[str] | None) -> dict:
+    """The YAML file's sections with the `--section.key=value` overrides merged in, unvalidated."""
     tree: dict = {}
-    source = path or "command line"
     if path is not None:
         if not os.path.isfile(path):
             raise ValueError(f"config file {path} does not exist")
@@ -299,13 +298,41 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
                 raise ValueError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
-    tree = _merge(tree, parse_overrides(overrides or []))
+    return _merge(tree, parse_overrides(overrides or []))
+
+
+def _validate(tree: dict, source: str) -> RunConfig:
     try:
         # Validated as JSON so that YAML lists fill tuple fields, in strict mode so
         # that "5" is not silently taken for 5 nor 1 for true.
         return RunConfig.model_validate_json(json.dumps(tree), strict=True)
     except ValidationError as e:
         raise ValueError(_format_error(e, source)) from None
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config, apply `--section.key=value` overrides, validate. Raises ValueError."""
+    return _validate(_read(path, overrides), path or "command line")
+
+
+# What a reference cache's values depend on (tools/precompute_ref.py reads these and nothing else;
+# the fingerprint of docs/design.md §5 records them). Every other setting of a run config is
+# accepted and ignored, so one config file serves the precompute and the training run.
+CACHE_SETTINGS = ("seed", "model.family", "model.pretrained_path", "model.unet_config", "model.scheduler_config",
+                  "model.prediction_type", "model.dtype", "model.vae_scale_factor", "data.shards",
+                  "data.resolution", "data.timestep_range", "reference.pretrained_path", "reference.cache_dir")
+
+
+def load_cache_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """A run config as tools/precompute_ref.py reads it: like `load_config`, but the keys only a
+    training run needs (output_dir, train.max_steps) may be left out; placeholders fill them, and
+    nothing in the precompute reads them. Unknown keys and wrong types are still errors."""
+    tree = _read(path, overrides)
+    tree.setdefault("output_dir", "(not used by a reference cache)")
+    train = tree.setdefault("train", {})
+    if isinstance(train, dict):  # anything else: validation names the bad section
+        train.setdefault("max_steps", 1)
+    return _validate(tree, path or "command line")
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

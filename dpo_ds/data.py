@@ -1,6 +1,6 @@
 """Shards of latent preference pairs: writing them, listing them, reading them into batches.
 
-Shard format (DESIGN.md §4): a POSIX tar in webdataset layout, one pair per sample,
+Shard format (docs/design.md §4): a POSIX tar in webdataset layout, one pair per sample,
 exactly two members per key:
   KEY.json         {"caption", "family", "latent_layout", "scaling_factor", "shift_factor",
                     "label", "source"}

@@ -2,7 +2,7 @@
 
 Legend: N = number of preference pairs in the batch.
 
-DESIGN.md §1 fixes the conventions implemented here (Wallace et al., 2024,
+docs/design.md §1 fixes the conventions implemented here (Wallace et al., 2024,
 eq. 14, with the per-sample error a mean instead of a sum over latent
 elements, so that published β values carry over across latent sizes).
 """
@@ -45,7 +45,7 @@ def diffusion_dpo_loss(
     All error inputs are [N] per-sample errors (see `per_sample_error`) at one
     shared timestep and noise per pair; `weights` is an optional [N] ω(t).
     z = (e_w − r_w) − (e_l − r_l). Returns the scalar loss and detached [ ]
-    diagnostics (DESIGN.md §1).
+    diagnostics (docs/design.md §1).
 
     loser_weight scales the gradient that flows through e_l (1: the paper's
     loss; 0: the loser only sets the sigmoid's weight). The value of the loss
@@ -133,7 +133,7 @@ def preference_loss(
     kind: "dpo" (diffusion_dpo_loss with loser_weight) or "ipo".
     sft_weight λ adds λ·mean(e_w): keep denoising the preferred images well.
     winner_hinge μ adds μ·mean(max(0, e_w − r_w)): penalise getting worse than
-    the reference on what was preferred (the degradation DESIGN.md §1 warns of).
+    the reference on what was preferred (the degradation docs/design.md §1 warns of).
     """
     if kind == "dpo":
         loss, diag = diffusion_dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=beta,

@@ -35,9 +35,10 @@ class Metrics:
             return
         for name, v in values.items():
             self.tb.add_scalar(name, v, step)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}",
-                                 acc=f"{values.get('train/implicit_acc', float('nan')):.2f}", refresh=False)
+        if self.bar is not None:  # an SFT run has no implicit accuracy: show what was logged, not "nan"
+            shown = {"loss": ("train/loss", ".4f"), "acc": ("train/implicit_acc", ".2f")}
+            self.bar.set_postfix({k: format(values[name], spec) for k, (name, spec) in shown.items() if name in values},
+                                 refresh=False)
 
     def advance(self, num_steps: int = 1) -> None:
         if self.bar is not None:

@@ -5,7 +5,7 @@ Legend: N = batch, `...` = any latent layout (CHW for images, CFHW for video).
 A family (dpo_ds/models/) owns its forward process and decides what it uses from here;
 nothing outside dpo_ds/models/ calls the processes directly. The draw of a pair (its value t,
 then its noise) is a pure function of (global seed, pair key, draw index) and the family's law
-for t, computed on the CPU with a seeded torch.Generator (docs/design.md, "The draw"). The
+for t, computed on the CPU with a seeded torch.Generator (docs/design.md §2). The
 reference cache is only valid because the precompute tool and the trainer call the same function.
 """
 

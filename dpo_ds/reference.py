@@ -5,7 +5,7 @@
 very noisy inputs the policy sees.
 
 `cache`: the errors tools/precompute_ref.py computed once per (pair, draw), at
-the same draw training makes (DESIGN.md §2, §5); the reference model is never
+the same draw training makes (docs/design.md §2, §5); the reference model is never
 built. Reading and writing the cache both live here, so the format has one home.
 
 Cache format (a contract; `CACHE_FORMAT`, nothing in it is decoded with pickle):
@@ -178,7 +178,7 @@ def folder_weights_hash(family: Family, pretrained_path: str) -> str:
 
 def fingerprint(cfg: RunConfig, family: Family, shards: list[ShardInfo], reference_weights: str, num_draws: int,
                 dtype: str) -> dict:
-    """Everything the cached values depend on (DESIGN.md §5), as plain JSON; the shards' contents are
+    """Everything the cached values depend on (docs/design.md §5), as plain JSON; the shards' contents are
     checked per pair instead, by content hash at every lookup (CachedReference.errors)."""
     return {
         "tool_version": TOOL_VERSION,

@@ -251,7 +251,7 @@ class Trainer:
         return engine.all_reduce_max(drift.reshape(1).to(torch.float64)).item()
 
     def _watch_gap_w(self, metrics: Metrics, scalars: dict[str, float]) -> None:
-        """Warn once when e_w − r_w stayed above zero for logging.gap_w_window steps (DESIGN.md §1)."""
+        """Warn once when e_w − r_w stayed above zero for logging.gap_w_window steps (docs/design.md §1)."""
         if "train/gap_w" not in scalars:
             return
         if scalars["train/gap_w"] <= 0:

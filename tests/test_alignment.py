@@ -8,6 +8,7 @@ cache; samples scored by the toy's oracle against the reference's, from the same
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,21 +22,23 @@ pytestmark = pytest.mark.slow
 FEWER_STEPS = ["--sft-steps", "300", "--dpo-steps", "80", "--checkpoint-every", "40", "--num-samples", "256"]
 
 
-def _demo(out: Path, *args: str) -> dict:
+def _demo(out: Path, *args: str) -> tuple[dict, str]:
+    """(report.json, what the terminal received)"""
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "demo.py"), "--output-dir", str(out), *FEWER_STEPS,
                            *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "report" / "report.json").read_text())
+    return json.loads((out / "report" / "report.json").read_text()), proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def preferring_a(tmp_path_factory) -> tuple[Path, dict]:
+def preferring_a(tmp_path_factory) -> tuple[Path, dict, str]:
+    """The suite's one demo run with every stage: data, reference, cache, policy, live check, evaluation."""
     out = tmp_path_factory.mktemp("demo_a")
-    return out, _demo(out, "--prefer", "A")
+    return (out, *_demo(out, "--prefer", "A", "--live-steps", "3"))
 
 
 def test_policy_moves_toward_the_preferred_mode(preferring_a):
-    _, result = preferring_a
+    _, result, _ = preferring_a
     # The evaluation means something only if the samples look like the data: nearly all near a mode.
     assert result["on_manifold"]["reference"] >= 0.9 and result["on_manifold"]["policy"] >= 0.9, result
     assert result["difference"] >= 0.10, result
@@ -43,8 +46,10 @@ def test_policy_moves_toward_the_preferred_mode(preferring_a):
 
 
 def test_reversed_preferences_move_the_other_way(preferring_a, tmp_path):
-    out_a, result_a = preferring_a
-    result_b = _demo(tmp_path, "--prefer", "B", "--reference", str(out_a / "reference"))
+    out_a, result_a, _ = preferring_a
+    result_b, terminal_b = _demo(tmp_path, "--prefer", "B", "--reference", str(out_a / "reference"),
+                                 "--live-steps", "0")
+    assert "[2/5] reference: " in terminal_b and "[5/5] evaluation: " in terminal_b, terminal_b
     # Same reference, same samples of it: its samples near a mode are either A or B.
     on_manifold = result_a["on_manifold"]["reference"]
     assert result_b["reference_rate"] + result_a["reference_rate"] == pytest.approx(on_manifold)
@@ -54,7 +59,7 @@ def test_reversed_preferences_move_the_other_way(preferring_a, tmp_path):
 def test_report_files_are_real_plots(preferring_a):
     from PIL import Image
 
-    out, result = preferring_a
+    out, result, _ = preferring_a
     report = out / "report"
     assert "rate of mode A" in (report / "report.md").read_text()
     for name in ("rates.png", "curves.png", "samples.png"):
@@ -64,3 +69,32 @@ def test_report_files_are_real_plots(preferring_a):
             # a real plot: many distinct colours, not a blank canvas
             assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20
     assert [step for step, _, _ in result["rate_curve"]] == [0, 40, 80]
+
+
+def test_terminal_shows_stages_progress_and_where_to_look(preferring_a):
+    out, result, terminal = preferring_a
+    lines = re.split(r"[\r\n]", terminal)
+    stages = [line.split(":")[0] for line in lines if re.match(r"\[\d/\d\] ", line)]
+    assert stages == ["[1/6] data", "[2/6] reference", "[3/6] cache", "[4/6] policy", "[5/6] live reference",
+                      "[6/6] evaluation"], terminal
+    bars = [line.strip() for line in lines if "%|" in line]
+    for desc in ("train", "reference (rank 0)", "sampling"):
+        assert any(re.match(re.escape(desc) + r": 100%\|.*\[\d\d:\d\d<\d\d:\d\d", b) for b in bars), (desc, bars)
+    assert any(re.match(r"train: +[1-9]\d?%\|", b) for b in bars), "no bar between start and end"
+    assert f"reference samples mode A at rate {result['reference_rate']:.3f}" in terminal
+    # The live, CPU-offloaded reference gives the cached one's loss (tests/test_reference_cache.py proves it).
+    assert result["live_check"]["steps"] == 3 and result["live_check"]["max_rel_diff_train_loss"] < 1e-3
+    assert "train/loss at steps 1-3, live vs cached reference: largest relative difference" in terminal
+    for chatter in ("Setting accelerator", "[INFO]", "launch.py", "Processing zero checkpoint",
+                    "Loading checkpoint shards", "deepspeed --num_gpus", "Traceback"):
+        assert chatter not in terminal, chatter
+    for pointer in (str(out / "report" / "report.md"), "rates.png", f"tensorboard --logdir {out / 'dpo' / 'tensorboard'}",
+                    f"{out / 'logs'}/", "Running a real job"):
+        assert pointer in terminal, pointer
+    assert {p.name for p in (out / "logs").iterdir()} == {"demo.log", "sft.log", "precompute_seed0.log", "dpo.log",
+                                                          "live.log"}
+    assert not [b for b in bars if "nan" in b], "an SFT run's bar showed its missing accuracy as nan"
+    dpo_log = (out / "logs" / "dpo.log").read_text()
+    assert "Setting accelerator" in dpo_log
+    # counted before ZeRO-3 partitions the parameters (it said 0.00M)
+    assert re.search(r"policy: [1-9]\.\d\dM trainable parameters, ZeRO stage 3", dpo_log)

@@ -97,14 +97,43 @@ def test_cache_settings_are_checked_on_load():
     assert (cfg.reference.mode, cfg.reference.cache_dir, cfg.reference.drift_check_every) == ("cache", "c", 0)
 
 
+def test_precompute_config_needs_only_what_the_cache_depends_on(tmp_path):
+    from dpo_ds.config import CACHE_SETTINGS, load_cache_config, load_config
+
+    cache_only = ["--model.unet_config=u.json", "--model.scheduler_config=s.json", "--data.shards=d", "--seed=3"]
+    with pytest.raises(ValueError, match="missing required key 'output_dir'"):
+        load_config(None, cache_only)
+    cfg = load_cache_config(None, cache_only)
+    assert (cfg.seed, cfg.data.shards, cfg.model.unet_config) == (3, "d", "u.json")
+    # A whole run config is read the same way, its run-only settings kept but unused.
+    full = load_cache_config(None, cache_only + ["--output_dir=o", "--train.max_steps=7", "--dpo.beta=9"])
+    assert (full.output_dir, full.train.max_steps, full.dpo.beta) == ("o", 7, 9.0)
+    with pytest.raises(ValueError, match="unknown key 'train.max_stepz'"):
+        load_cache_config(None, cache_only + ["--train.max_stepz=7"])
+    with pytest.raises(ValueError, match="train: "):
+        load_cache_config(None, cache_only + ["--train=3"])
+    assert "seed" in CACHE_SETTINGS and "data.timestep_range" in CACHE_SETTINGS and "dpo.beta" not in CACHE_SETTINGS
+
+    help_text = subprocess.run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--help"], cwd=REPO,
+                               env=env(), capture_output=True, text=True, timeout=120).stdout
+    assert "data.timestep_range" in " ".join(help_text.split()), help_text
+
+
 # ---------------------------------------------------------------- the tool and the cache
 
 @pytest.fixture(scope="module")
 def cached(small, tmp_path_factory) -> tuple[Path, Path]:
-    """(run config, cache dir): the tiny run's reference cache, precomputed on one process."""
+    """(run config, cache dir): the tiny run's reference cache, precomputed on one process from a
+    config holding only what a cache depends on (no output_dir, no train section): the training
+    runs below accept it with their full run configs."""
+    import yaml
+
     out = tmp_path_factory.mktemp("cached")
     cfg = write_run_config(out / "run.yaml", small, out / "run", reference={"cache_dir": str(out / "cache")})
-    _ok(_precompute(cfg, out / "cache"))
+    run = yaml.safe_load(cfg.read_text())
+    cache_only = out / "cache_only.yaml"
+    cache_only.write_text(yaml.safe_dump({k: run[k] for k in ("seed", "model", "data", "reference")}))
+    _ok(_precompute(cache_only, out / "cache"))
     return cfg, out / "cache"
 
 
@@ -142,6 +171,7 @@ def test_precompute_matches_the_training_draw_and_one_vs_two_processes(cached, s
     again = _precompute(cfg, cache_dir)
     _ok(again)
     assert "skips 3 complete shard(s)" in again.stderr
+    assert "settings used (all others ignored): seed=0, model.family=sdxl" in again.stderr, again.stderr[-3000:]
     assert _cache_contents(cache_dir).keys() == one.keys()
     for name, mtime in mtimes.items():
         if name != "shard-000002.tar.ref.safetensors":

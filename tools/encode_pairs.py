@@ -1,7 +1,7 @@
 """Encode raw preference pairs (prompt, two images or two videos, labels) into latent shards, once, offline.
 
 Reads Parquet / JSONL / CSV manifests in the Pick-a-Pic layout (caption, jpg_0/jpg_1 as bytes or
-paths, label_0/label_1 with ties as 0.5; for videos video_0/video_1). Writes (DESIGN.md §4):
+paths, label_0/label_1 with ties as 0.5; for videos video_0/video_1). Writes (docs/design.md §4):
 
   OUT/PREFIX-CCCCCC-NNNNNN.tar, OUT/index.json   the pairs of manifest chunk C, shard N of it
   VAL_OUT/... the same layout              pairs whose key hash is below --val-fraction

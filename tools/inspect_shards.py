@@ -1,4 +1,4 @@
-"""Validate shards against the shard format (DESIGN.md §4) and summarise what they hold.
+"""Validate shards against the shard format (docs/design.md §4) and summarise what they hold.
 
     python tools/inspect_shards.py SHARDS [SHARDS ...] [--json] [--max-problems N]
 

@@ -1,6 +1,6 @@
 """Write shards of random latent pairs and a tiny model of a family (`--family`, default sdxl), for demos and tests.
 
-Writes (DESIGN.md §4 format):
+Writes (docs/design.md §4 format):
   OUT/shards/shard-NNNNNN.tar, OUT/shards/index.json   random latent pairs + the family's conditioning
   OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   the family's tiny UNet2DConditionModel
   OUT/model/scheduler/scheduler_config.json                          the family's training scheduler

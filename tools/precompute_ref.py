@@ -1,12 +1,14 @@
 """Precompute the reference cache: the frozen reference's errors r_w, r_l for every pair and draw 0..K-1.
 
 Reads the training run's config (same YAML, same --section.key=value overrides) and its shards, and
+uses only the settings a cache depends on (dpo_ds.config.CACHE_SETTINGS, listed under --help and in its
+log line): the rest of the file is ignored, and output_dir and train.max_steps need not be given. It
 makes for every pair and draw index exactly the draw training makes (dpo_ds.data.collate_pairs with the
 run's seed and the family's law of t), the same noising and target (Family.noisy_pair) and the same
 prediction and error (Family.predict, Family.error), in the run's precision, under no_grad, at a batch
 size of its own.
 
-Writes (format: the docstring of dpo_ds/reference.py; DESIGN.md §5):
+Writes (format: the docstring of dpo_ds/reference.py; docs/design.md §5):
   CACHE_DIR/<shard name>.ref.safetensors   one per shard: shard i (by name) is computed by rank i mod world size,
                                            written as .tmp and renamed, so no two ranks write one file
   CACHE_DIR/manifest.json                  by rank 0, last, once every shard file exists
@@ -21,6 +23,7 @@ cache rows are found by key.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -30,8 +33,8 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import engine, launchenv, models
-from dpo_ds.config import load_config, training_dtype
-from dpo_ds.data import BadSample, ShardInfo, collate_pairs, decode_sample, list_shards, tar_samples
+from dpo_ds.config import CACHE_SETTINGS, load_cache_config, training_dtype
+from dpo_ds.data import BadSample, ShardInfo, check_family, collate_pairs, decode_sample, list_shards, tar_samples
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.models.family import Family
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256, frozen_model,
@@ -41,8 +44,11 @@ log = logging.getLogger("dpo_ds.precompute_ref")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="the training run's YAML; --section.key=value overrides apply")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="settings read from --config and the overrides: " + ", ".join(CACHE_SETTINGS)
+                                + "; the others are accepted and ignored")
+    p.add_argument("--config", help="the training run's YAML (or one with just the settings below); "
+                                    "--section.key=value overrides apply")
     p.add_argument("--num-draws", type=int, required=True, help="K: draws 0..K-1 per pair (training cycles past K)")
     p.add_argument("--cache-dir", help="output folder; default reference.cache_dir of the config")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per reference forward (2x samples)")
@@ -133,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_cache_config(args.config, overrides)
         cache_dir = args.cache_dir or cfg.reference.cache_dir
         if not cache_dir:
             raise ValueError("no output folder: pass --cache-dir or set reference.cache_dir in the config")
         family = models.build(cfg)
         shards = sorted(list_shards(cfg.data.shards), key=lambda s: os.path.basename(s.url))
+        check_family(shards, family.NAME, family.LATENT_LAYOUT)
         names = [os.path.basename(s.url) for s in shards]
         if len(set(names)) != len(names):
             raise ValueError(f"data.shards: two shards share a file name ({names}); the cache is keyed by shard name")
@@ -177,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         log.info("reference cache %s: %d shards, %d draws, %s, %d ranks; rank 0 skips %d complete shard(s)",
                  cache_dir, len(shards), args.num_draws, dtype_name, world_size, len(mine) - len(todo))
+        log.info("settings used (all others ignored): %s",
+                 ", ".join(f"{name}={functools.reduce(getattr, name.split('.'), cfg)}" for name in CACHE_SETTINGS))
     progress = tqdm(total=sum(s.num_pairs for s in todo) * args.num_draws, unit="pair-draw", dynamic_ncols=True,
                     disable=rank != 0 or args.no_progress, desc="reference (rank 0)")
     for shard in todo:

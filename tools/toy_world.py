@@ -10,7 +10,7 @@ about half the time; Diffusion-DPO on the pairs should move that rate toward
 the preferred mode, and the evaluation here measures whether it does.
 
   python tools/toy_world.py data --out DIR [--num-pairs N] [--prefer A|B] [--seed S]
-      writes DIR/shards/ (DESIGN.md §4 format) and DIR/model/ (a fresh tiny UNet + a DDPM scheduler)
+      writes DIR/shards/ (docs/design.md §4 format) and DIR/model/ (a fresh tiny UNet + a DDPM scheduler)
   python tools/toy_world.py eval --reference MODEL_DIR --policy UNET_DIR [--num-samples N] [--json OUT]
       samples both (DDIM, fixed seeds, same initial noise) and reports the rate of the preferred mode
       (samples near neither mode never count) with a bootstrap 95% interval of the difference
@@ -121,9 +121,14 @@ def write_model(out: str, seed: int, unet=None) -> str:
     return out
 
 
+NUM_SAMPLING_STEPS, SAMPLING_BATCH = 25, 256
+
+
 @torch.no_grad()
-def generate(unet, *, num_samples: int, num_steps: int = 25, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) samples [N x 4 x 8 x 8] from fixed initial noise."""
+def generate(unet, *, num_samples: int, num_steps: int = NUM_SAMPLING_STEPS, seed: int = 0,
+             batch_size: int = SAMPLING_BATCH, progress=None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) samples [N x 4 x 8 x 8] from fixed initial noise.
+    `progress` (a tqdm) advances by one per denoising step of each batch."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config({**TOY_SCHEDULER_CONFIG, "set_alpha_to_one": False, "steps_offset": 1})
@@ -140,6 +145,8 @@ def generate(unet, *, num_samples: int, num_steps: int = 25, seed: int = 0, batc
         for t in scheduler.timesteps:
             eps = unet(x, t.expand(n), **kwargs).sample
             x = scheduler.step(eps, t, x).prev_sample
+            if progress is not None:
+                progress.update(1)
         out.append(x)
     return torch.cat(out)
 
