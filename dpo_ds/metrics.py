@@ -1,7 +1,8 @@
-"""Metric sinks: TensorBoard event files and a console progress bar, on rank 0 only.
+"""Metrics: sums over a logging window reduced across ranks, the sinks (TensorBoard event files and a
+console progress bar, on rank 0 only), and the gap_w watch.
 
-Values arrive already reduced across ranks (the trainer does that); this
-module only writes.
+The window reduces with the collective it is given (the trainer passes dpo_ds.engine's), so this
+module imports no deepspeed.
 """
 
 from __future__ import annotations
@@ -9,8 +10,75 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dpo_ds.losses import NOISE_BUCKETS
 
 log = logging.getLogger("dpo_ds")
+
+
+class Window:
+    """Sums of per-micro-batch diagnostics over the steps between two metric writes.
+
+    `sums` holds [ ] tensors by name, "count" (micro-batches) and optionally "buckets" ([3 x 4], per
+    noise level: pairs, correct pairs, Σ gap_w, Σ gap_l; dpo_ds.losses.bucket_sums)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.seconds = 0.0
+        self.data_wait = 0.0
+        self.num_steps = 0
+
+    def add(self, sums: dict[str, torch.Tensor], seconds: float, data_wait: float) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.seconds += seconds
+        self.data_wait += data_wait
+        self.num_steps += 1
+
+    def means(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+              prefix: str) -> tuple[dict[str, float], float]:
+        """({prefix/name: mean over micro-batches and ranks}, micro-batches on all ranks), in one all-reduce;
+        per noise level, the bucket sums as implicit accuracy and mean gaps."""
+        names = sorted(n for n in self.sums if n not in ("count", "buckets"))
+        flat = [self.sums[n].reshape(1) for n in names] + [self.sums["count"].reshape(1)]
+        if "buckets" in self.sums:
+            flat.append(self.sums["buckets"].reshape(-1))
+        sums = all_reduce_sum(torch.cat([x.to(device, torch.float64) for x in flat]))
+        count = sums[len(names)].item()
+        out = {f"{prefix}/{name}": sums[i].item() / count for i, name in enumerate(names)}
+        if "buckets" in self.sums:
+            for b, (pairs, correct, gap_w, gap_l) in zip(NOISE_BUCKETS, sums[len(names) + 1:].view(-1, 4).tolist()):
+                if pairs:
+                    out.update({f"{prefix}/implicit_acc/{b}_noise": correct / pairs,
+                                f"{prefix}/gap_w/{b}_noise": gap_w / pairs, f"{prefix}/gap_l/{b}_noise": gap_l / pairs})
+        return out, count
+
+
+class GapWatch:
+    """Warns once when train/gap_w (e_w − r_w) stayed above zero for `window` steps (docs/design.md §1): the
+    policy getting worse than the reference on what was preferred, which a falling loss can hide."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.positive_since: int | None = None
+
+    def message(self, step: int, scalars: dict[str, float]) -> str | None:
+        """The warning, at the step gap_w has been positive for `window` steps in a row; else None."""
+        if "train/gap_w" not in scalars:
+            return None
+        if scalars["train/gap_w"] <= 0:
+            self.positive_since = None
+            return None
+        if self.positive_since is None:
+            self.positive_since = step
+        if step - self.positive_since + 1 != self.window:
+            return None
+        return (f"train/gap_w (e_w - r_w) has been above zero for {self.window} steps: the policy is getting "
+                "worse than the reference on the preferred images. Implicit accuracy and a falling loss can hide "
+                "this; lower optim.lr, raise dpo.beta, or add loss.sft_weight / loss.winner_hinge.")
 
 
 class Metrics:

@@ -143,6 +143,18 @@ class LiveReference:
         """r_w, r_l: [B] float32 reference errors at the pair's shared draw."""
         return self.family.pair_errors(self.engine, batch, x_t, target, t, self.dtype)
 
+    @torch.no_grad()
+    def drift(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor, cached_w: torch.Tensor,
+              cached_l: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor:
+        """[ ] largest |cached − live| error over a random `fraction` of the batch's pairs (at least one), on
+        this rank; x_t, target, t hold the 2B samples (winners, then losers), cached_w/l the [B] cached errors."""
+        num_pairs = len(batch["keys"])
+        idx = torch.randperm(num_pairs, generator=g)[:max(1, round(fraction * num_pairs))].to(x_t.device)
+        sub = {k: v[idx] if torch.is_tensor(v) and v.ndim and len(v) == num_pairs else v for k, v in batch.items()}
+        both = torch.cat([idx, idx + num_pairs])
+        live_w, live_l = self.errors(sub, x_t[both], target[both], t[both])
+        return torch.maximum((live_w - cached_w[idx]).abs().max(), (live_l - cached_l[idx]).abs().max())
+
 
 # ---------------------------------------------------------------- fingerprint
 

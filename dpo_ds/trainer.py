@@ -18,8 +18,8 @@ from dpo_ds import engine, reference
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards
 from dpo_ds.dtypes import DTYPES
-from dpo_ds.losses import NOISE_BUCKETS, bucket_sums, preference_loss, sft_loss
-from dpo_ds.metrics import Metrics
+from dpo_ds.losses import bucket_sums, preference_loss, sft_loss
+from dpo_ds.metrics import GapWatch, Metrics, Window
 from dpo_ds.models.family import Family
 
 log = logging.getLogger("dpo_ds")
@@ -86,7 +86,7 @@ class Trainer:
             num_draws=self.reference.num_draws if self.has_cache else None)
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
-        self.gap_w_positive_since: int | None = None
+        self.gap_watch = GapWatch(cfg.logging.gap_w_window)
         if val_shards is not None:
             # Held-out pairs at a fixed draw (index 0), one pass in-process.
             self.val_loader = PairLoader(
@@ -150,7 +150,7 @@ class Trainer:
         batches = self.loader.batches()
         self.data_wait = 0.0
         self.nonfinite_in_row = 0
-        window = _Window()
+        window = Window()
         self.policy.train()
         try:
             while state.step < cfg.train.max_steps:
@@ -163,9 +163,11 @@ class Trainer:
                 if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
                     scalars = self._reduce(window)
                     metrics.scalars(state.step, scalars)
-                    self._watch_gap_w(metrics, scalars)
+                    warning = self.gap_watch.message(state.step, scalars)
+                    if warning is not None:
+                        metrics.text(state.step, "warnings/gap_w", warning)
                     self._check_bad_fraction()
-                    window = _Window()
+                    window = Window()
                 if cfg.data.val_every and (state.step % cfg.data.val_every == 0 or state.step == cfg.train.max_steps):
                     metrics.scalars(state.step, self.validate())
                 metrics.advance()
@@ -206,27 +208,13 @@ class Trainer:
                 f"{self.nonfinite_in_row} micro-batches in a row had a non-finite loss (train.max_nonfinite_in_row); "
                 "lower optim.lr or dpo.beta, or check the data with tools/inspect_shards.py")
 
-    def _reduce(self, window: "_Window", prefix: str = "train") -> dict[str, float]:
-        """Means over the logging window, over micro-batches and ranks (one all-reduce)."""
-        names = sorted(n for n in window.sums if n not in ("count", "buckets"))
-        flat = [window.sums[n].reshape(1) for n in names] + [window.sums["count"].reshape(1)]
-        if "buckets" in window.sums:
-            flat.append(window.sums["buckets"].reshape(-1))
-        sums = engine.all_reduce_sum(torch.cat([x.to(self.device, torch.float64) for x in flat]))
-        count = sums[len(names)].item()
-        out = {f"{prefix}/{name}": sums[i].item() / count for i, name in enumerate(names)}
-        if "buckets" in window.sums:
-            for b, (pairs, correct, gap_w, gap_l) in zip(NOISE_BUCKETS, sums[len(names) + 1:].view(-1, 4).tolist()):
-                if pairs:
-                    out.update({f"{prefix}/implicit_acc/{b}_noise": correct / pairs,
-                                f"{prefix}/gap_w/{b}_noise": gap_w / pairs, f"{prefix}/gap_l/{b}_noise": gap_l / pairs})
-        if prefix != "train":
-            return out
-        pairs = count * self.cfg.train.micro_batch_size
+    def _reduce(self, window: Window) -> dict[str, float]:
+        """train/* means over the logging window, over micro-batches and ranks, and perf/*."""
+        out, count = window.means(engine.all_reduce_sum, self.device, "train")
         out.update({
             "train/grad_norm": self.policy.grad_norm(),
             "train/lr": self.policy.lr(),
-            "perf/pairs_per_s": pairs / max(window.seconds, 1e-9),
+            "perf/pairs_per_s": count * self.cfg.train.micro_batch_size / max(window.seconds, 1e-9),
             "perf/step_time_s": window.seconds / window.num_steps,
             "perf/data_wait_frac": window.data_wait / max(window.seconds, 1e-9),
         })
@@ -236,41 +224,17 @@ class Trainer:
             out["mem/max_allocated_gb"] = engine.max_memory_allocated_gb()
         return out
 
-    @torch.no_grad()
-    def _cache_drift(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
-                     ref_err_w: torch.Tensor, ref_err_l: torch.Tensor) -> float:
+    def _cache_drift(self, batch: dict, x_t, target, t, ref_err_w, ref_err_l) -> float:
         """Largest |cached - live| reference error over a random few pairs of this micro-batch, on all ranks."""
-        num_pairs = len(batch["keys"])
-        num_checked = max(1, round(self.cfg.reference.drift_check_fraction * num_pairs))
         g = torch.Generator().manual_seed(hash((self.cfg.seed, self.state.step, engine.rank())) & (2**62 - 1))
-        idx = torch.randperm(num_pairs, generator=g)[:num_checked].to(self.device)
-        sub = {k: v[idx] if torch.is_tensor(v) and v.ndim and len(v) == num_pairs else v for k, v in batch.items()}
-        both = torch.cat([idx, idx + num_pairs])  # x_t holds winners, then losers
-        live_w, live_l = self.drift_reference.errors(sub, x_t[both], target[both], t[both])
-        drift = torch.maximum((live_w - ref_err_w[idx]).abs().max(), (live_l - ref_err_l[idx]).abs().max())
+        drift = self.drift_reference.drift(batch, x_t, target, t, ref_err_w, ref_err_l,
+                                           self.cfg.reference.drift_check_fraction, g)
         return engine.all_reduce_max(drift.reshape(1).to(torch.float64)).item()
-
-    def _watch_gap_w(self, metrics: Metrics, scalars: dict[str, float]) -> None:
-        """Warn once when e_w − r_w stayed above zero for logging.gap_w_window steps (docs/design.md §1)."""
-        if "train/gap_w" not in scalars:
-            return
-        if scalars["train/gap_w"] <= 0:
-            self.gap_w_positive_since = None
-            return
-        if self.gap_w_positive_since is None:
-            self.gap_w_positive_since = self.state.step
-        if self.state.step - self.gap_w_positive_since + 1 == self.cfg.logging.gap_w_window:
-            metrics.text(self.state.step, "warnings/gap_w",
-                         f"train/gap_w (e_w - r_w) has been above zero for {self.cfg.logging.gap_w_window} steps: "
-                         "the policy is getting worse than the reference on the preferred images. Implicit "
-                         "accuracy and a falling loss can hide this; lower optim.lr, raise dpo.beta, or add "
-                         "loss.sft_weight / loss.winner_hinge.")
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """val/* on held-out pairs at draw index 0: no gradient, the same draws every time."""
-        window = _Window()
-        sums: dict[str, torch.Tensor] = {}
+        window = Window()
         self.policy.engine.eval()
         for i, batch in enumerate(self.val_loader.epoch(0)):
             if i == self.cfg.data.val_max_batches:
@@ -278,13 +242,10 @@ class Trainer:
             _stop_without_pairs(batch, "the held-out shards (data.val_shards)")
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             _, diag = self.forward_loss(batch, reference=self.val_reference)
-            for name, value in diag.items():
-                sums[name] = sums[name] + value if name in sums else value
-            sums["count"] = sums.get("count", 0) + torch.tensor(1.0, device=self.device)
+            window.add({**diag, "count": torch.tensor(1.0, device=self.device)}, 0.0, 0.0)
         self.policy.train()
-        window.add(sums, 0.0, 0.0)
-        return {k: v for k, v in self._reduce(window, prefix="val").items()
-                if k.split("/")[1] in VAL_SCALARS and k.count("/") == 1}
+        means, _ = window.means(engine.all_reduce_sum, self.device, "val")
+        return {k: v for k, v in means.items() if k.split("/")[1] in VAL_SCALARS and k.count("/") == 1}
 
     def _check_bad_fraction(self) -> None:
         counts = engine.all_reduce_sum(torch.tensor([float(self.loader.pairs_read), float(self.loader.pairs_bad)],
@@ -351,20 +312,3 @@ def _stop_without_pairs(batch: dict, where: str) -> None:
         who = "this rank" if not batch["keys"] else "another rank"
         raise BadDataError(f"{who} found no good pair in {where}; see the warnings above for keys, shards "
                            "and reasons (tools/inspect_shards.py checks shards offline)")
-
-
-class _Window:
-    """Sums over the steps between two metric writes."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.seconds = 0.0
-        self.data_wait = 0.0
-        self.num_steps = 0
-
-    def add(self, sums: dict[str, torch.Tensor], seconds: float, data_wait: float) -> None:
-        for k, v in sums.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.seconds += seconds
-        self.data_wait += data_wait
-        self.num_steps += 1

@@ -61,3 +61,14 @@ def test_validation_uses_fixed_draws(tiny, tmp_path):
     # lr 1e-12 leaves the policy the reference: z = 0 on every held-out pair, at both validations.
     losses = [v for _, v in scalars["val/loss"]]
     assert losses == pytest.approx([math.log(2)] * 2, abs=1e-3)
+
+
+def test_gap_watch_warns_once_after_the_window_and_resets():
+    """The gap_w warning: at the window-th step in a row with gap_w > 0, once; a non-positive value resets it."""
+    from dpo_ds.metrics import GapWatch
+
+    watch = GapWatch(window=3)
+    said = [watch.message(step, {"train/gap_w": g}) for step, g in enumerate([0.1, 0.2, -0.1, 0.1, 0.1, 0.3, 0.2], 1)]
+    assert [i for i, m in enumerate(said, 1) if m] == [6]  # steps 4, 5, 6 in a row; not again at 7
+    assert "above zero for 3 steps" in said[5]
+    assert watch.message(8, {"train/loss": 0.5}) is None  # an SFT run logs no gap_w
