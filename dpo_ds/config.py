@@ -63,6 +63,10 @@ class DataConfig(_Section):
     """Pairs held per worker for shuffling within an epoch."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     """Stop the run once more than this fraction of the pairs read were bad (skipped)."""
+    empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)
+    """Train this fraction of pairs on the empty prompt (classifier-free guidance keeps working after
+    fine-tuning; the Diffusion-DPO authors used 0.2). Which pairs is part of each pair's seeded draw, so a
+    reference cache stays valid; needs empty_prompt.safetensors beside the shards (tools/encode_pairs.py)."""
     timestep_range: tuple[int, int] | None = None
     """Draw timesteps from [lo, hi) only; default all training timesteps."""
     val_shards: str | list[str] | None = None
@@ -320,7 +324,8 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
 # accepted and ignored, so one config file serves the precompute and the training run.
 CACHE_SETTINGS = ("seed", "model.family", "model.pretrained_path", "model.unet_config", "model.scheduler_config",
                   "model.prediction_type", "model.dtype", "model.vae_scale_factor", "data.shards",
-                  "data.resolution", "data.timestep_range", "reference.pretrained_path", "reference.cache_dir")
+                  "data.resolution", "data.timestep_range", "data.empty_prompt_prob", "reference.pretrained_path",
+                  "reference.cache_dir")
 
 
 def load_cache_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:

@@ -50,6 +50,7 @@ from dpo_ds import noise
 log = logging.getLogger("dpo_ds.data")
 
 INDEX_NAME = "index.json"
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"  # beside index.json: the family's conditioning of the prompt ""
 INDEX_FORMAT = "dpo_ds.shards/2"
 INDEX_FORMATS = ("dpo_ds.shards/1", INDEX_FORMAT)  # read; /1 has no "keys"
 MEMBER_EXTENSIONS = ("json", "safetensors")
@@ -528,7 +529,8 @@ class PairLoader:
 
     def __init__(self, shards: list[ShardInfo], *, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 2, shuffle_buffer: int = 256, schema: dict[str, tuple[int, ...] | None],
-                 draw_t: Callable[[torch.Generator], float], num_draws: int | None = None):
+                 draw_t: Callable[[torch.Generator], float], num_draws: int | None = None,
+                 dropout: PromptDropout | None = None):
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(f"PairLoader needs batch_size >= 1, num_workers >= 0, 0 <= rank < world_size; "
                              f"got {batch_size}, {num_workers}, {rank}, {world_size}")
@@ -541,6 +543,7 @@ class PairLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers, self.shuffle_buffer, self.schema = num_workers, shuffle_buffer, dict(schema)
         self.draw_t = draw_t  # the family's law of t (Family.draw_t)
+        self.dropout = dropout  # data.empty_prompt_prob, or None
         # With a reference cache of K draws per pair, epoch e uses draw e mod K: the policy must see
         # exactly the noisy latents the cached errors were computed on. The shuffle still uses e.
         if num_draws is not None and num_draws < 1:
@@ -814,20 +817,64 @@ class _EpochPairs(IterableDataset):
     def _collate(self, samples: list[dict], num_padded: int) -> dict:
         cfg = self.cfg
         draw_index = self.epoch % cfg.num_draws if cfg.num_draws else self.epoch
-        batch = collate_pairs(samples, draw_index, cfg.seed, cfg.draw_t)
+        batch = collate_pairs(samples, draw_index, cfg.seed, cfg.draw_t, cfg.dropout)
         batch["shard_urls"] = [s["url"] for s in samples]
         batch["num_bad"], batch["num_padded"] = self.num_bad, num_padded
         self.num_bad = 0
         return batch
 
 
-def collate_pairs(samples: list[dict], draw_index: int, seed: int, draw_t: Callable[[torch.Generator], float]) -> dict:
+@dataclass(frozen=True)
+class PromptDropout:
+    """data.empty_prompt_prob: a pair trains on the empty prompt's conditioning (`empty`, the family's
+    prompt tensors for "") with probability `prob`, decided by its seeded draw (noise.is_prompt_dropped)."""
+    prob: float
+    empty: dict[str, torch.Tensor]
+
+
+def load_empty_prompt(shards: list[ShardInfo], names: tuple[str, ...],
+                      schema: dict[str, tuple[int, ...] | None]) -> dict[str, torch.Tensor]:
+    """The empty prompt's conditioning written beside the shards (EMPTY_PROMPT_NAME, by tools/encode_pairs.py):
+    tensors `names`, shaped as the schema says. Every folder of local shards must hold the same one."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for folder in sorted({os.path.dirname(os.path.abspath(s.url)) for s in shards if not s.url.startswith("pipe:")}):
+        path = os.path.join(folder, EMPTY_PROMPT_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"data.empty_prompt_prob > 0 needs {path}, the empty prompt's conditioning; "
+                             "tools/encode_pairs.py writes it beside the shards (or set data.empty_prompt_prob=0)")
+        found[path] = safetensors.torch.load_file(path)
+    if not found:
+        raise ValueError(f"data.empty_prompt_prob > 0 needs {EMPTY_PROMPT_NAME} beside local shards; "
+                         "pipe: URLs have no folder to hold it")
+    (first, empty), *others = found.items()
+    for path, tensors in others:
+        if tensors.keys() != empty.keys() or any(not torch.equal(tensors[k], empty[k]) for k in empty):
+            raise ValueError(f"{path} differs from {first}: the shard folders were encoded with other text encoders")
+    for name in names:
+        if name not in empty or (schema.get(name) is not None and tuple(empty[name].shape) != tuple(schema[name])):
+            raise ValueError(f"{first}: {name} is {tuple(empty[name].shape) if name in empty else 'missing'}; "
+                             f"the model's schema says {schema.get(name)}")
+    return {name: empty[name].float() for name in names}
+
+
+def prompt_dropout(prob: float, shards: list[ShardInfo], names: tuple[str, ...],
+                   schema: dict[str, tuple[int, ...] | None]) -> PromptDropout | None:
+    """The run's PromptDropout for these shards (None when prob is 0); raises ValueError naming what is missing."""
+    return PromptDropout(prob, load_empty_prompt(shards, names, schema)) if prob > 0 else None
+
+
+def collate_pairs(samples: list[dict], draw_index: int, seed: int, draw_t: Callable[[torch.Generator], float],
+                  dropout: PromptDropout | None = None) -> dict:
     """Decoded pairs at one draw index as one batch: keys, content hashes, each pair's (t, noise) from
-    noise.draw with the family's law draw_t, and every tensor of the schema stacked as float32. The trainer
-    and the reference-cache tool both batch through this, so a cached reference error is always computed
-    on the very draw training uses."""
+    noise.draw with the family's law draw_t, and every tensor of the schema stacked as float32, a pair's
+    prompt tensors replaced by the empty prompt's where its draw drops the prompt (winner and loser share
+    the prompt, so both). The trainer and the reference-cache tool both batch through this, so a cached
+    reference error is always computed on the very draw training uses."""
     draws = [noise.draw(seed, s["key"], draw_index, tuple(s["tensors"]["latents_w"].shape), draw_t)
              for s in samples]
+    if dropout is not None:
+        dropped = [noise.is_prompt_dropped(seed, s["key"], draw_index, dropout.prob) for s in samples]
+        samples = [{**s, "tensors": {**s["tensors"], **dropout.empty}} if d else s for s, d in zip(samples, dropped)]
     batch = {
         "keys": [s["key"] for s in samples],
         "draw_index": torch.full((len(samples),), draw_index, dtype=torch.long),

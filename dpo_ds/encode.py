@@ -485,6 +485,11 @@ class SDXLEncoder(_ImageVAE):
             states.append(out.hidden_states[-2].float())
         return torch.cat(states, dim=-1), out.text_embeds.float()  # pooled: text_encoder_2's projection
 
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The conditioning of the prompt "" (data.empty_prompt_prob trains on it)."""
+        prompt_embeds, pooled = self.encode_prompts([""])
+        return {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
+
     def samples(self, batch: list[PreparedPair], store_dtype: torch.dtype, resolution: int):
         """(tensors, meta) of each pair of the batch, as the sdxl family's shards hold them."""
         latents_w, latents_l = self.encode_images(torch.stack([p.pixels_w for p in batch] +
@@ -517,6 +522,10 @@ class SD15Encoder(_ImageVAE):
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids).last_hidden_state.float()
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The conditioning of the prompt "" (data.empty_prompt_prob trains on it)."""
+        return {"prompt_embeds": self.encode_prompts([""])[0]}
 
     def samples(self, batch: list[PreparedPair], store_dtype: torch.dtype, resolution: int):
         """(tensors, meta) of each pair of the batch, as the sd15 family's shards hold them."""
@@ -592,6 +601,10 @@ class WanEncoder:
         mask = tokens.attention_mask.to(self.device)
         states = self.text_encoder(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
         return states * mask[..., None].gt(0)
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The conditioning of the prompt "" (data.empty_prompt_prob trains on it)."""
+        return {"prompt_embeds": self.encode_prompts([""])[0]}
 
     def samples(self, batch: list[PreparedVideoPair], store_dtype: torch.dtype, source: dict):
         """(tensors, meta) of each pair of the batch, as the wan family's shards hold them."""

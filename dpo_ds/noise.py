@@ -116,3 +116,12 @@ def draw(seed: int, key: str, draw_index: int, latent_shape: tuple[int, ...],
     t = law(g)
     noise = torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32)
     return t, noise
+
+
+def is_prompt_dropped(seed: int, key: str, draw_index: int, prob: float) -> bool:
+    """Whether the pair trains on the empty prompt at this draw (data.empty_prompt_prob): part of the pair's
+    seeded draw, from a generator of its own so t and the noise are those of a run without dropout."""
+    if prob <= 0:
+        return False
+    g = torch.Generator(device="cpu").manual_seed(draw_seed(seed, f"{key}\x00empty prompt", draw_index))
+    return bool(torch.rand((), generator=g).item() < prob)

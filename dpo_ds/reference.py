@@ -15,6 +15,7 @@ Cache format (a contract; `CACHE_FORMAT`, nothing in it is decoded with pickle):
                      "shards": [{"name", "num_pairs", "size_bytes"}, ...],   sorted by name
                      "draw_law": {the family's law of t and forward process: scheduler config,
                                   prediction type, range, ... (Family.draw_law)},
+                     "prompt_dropout": null | {"prob": data.empty_prompt_prob, "empty_prompt": "sha256:<hex>"},
                      "seed": int, "num_draws": K, "dtype": "fp32"|"bf16"|"fp16"},
      "fingerprint_sha256": "<hex of the canonical JSON of fingerprint>",
      "files": [{"shard": name, "file": name + ".ref.safetensors", "num_pairs": int, "num_bad": int}, ...],
@@ -53,7 +54,7 @@ import torch
 
 from dpo_ds import engine
 from dpo_ds.config import RunConfig
-from dpo_ds.data import ShardInfo
+from dpo_ds.data import PromptDropout, ShardInfo, prompt_dropout
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.models.family import Family
 
@@ -88,10 +89,14 @@ def for_training(cfg: RunConfig, family: Family, shards: list[ShardInfo], val_sh
     # The reference model is never built from a cache; only its weights are hashed, to check the cache.
     ref_hash = weights_hash_of_reference(cfg, family, initial_policy)
 
+    schema = family.sample_schema(dict(initial_policy.config))
+
     def open_cache(cache_dir: str, cache_shards: list[ShardInfo]) -> CachedReference:
         cache_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache_dir": cache_dir})})
+        dropout = prompt_dropout(cfg.data.empty_prompt_prob, cache_shards, family.PROMPT_TENSORS, schema)
         # num_draws=0: K is the cache's to say.
-        return CachedReference.load(cache_cfg, fingerprint(cache_cfg, family, cache_shards, ref_hash, 0, dtype))
+        return CachedReference.load(cache_cfg, fingerprint(cache_cfg, family, cache_shards, ref_hash, 0, dtype,
+                                                           dropout))
 
     train = open_cache(cfg.reference.cache_dir, shards)
     val = open_cache(cfg.reference.val_cache_dir, val_shards) if val_shards is not None else None
@@ -189,7 +194,7 @@ def folder_weights_hash(family: Family, pretrained_path: str) -> str:
 
 
 def fingerprint(cfg: RunConfig, family: Family, shards: list[ShardInfo], reference_weights: str, num_draws: int,
-                dtype: str) -> dict:
+                dtype: str, dropout: PromptDropout | None = None) -> dict:
     """Everything the cached values depend on (docs/design.md §5), as plain JSON; the shards' contents are
     checked per pair instead, by content hash at every lookup (CachedReference.errors)."""
     return {
@@ -199,6 +204,7 @@ def fingerprint(cfg: RunConfig, family: Family, shards: list[ShardInfo], referen
         "shards": sorted(({"name": os.path.basename(s.url), "num_pairs": s.num_pairs, "size_bytes": s.size_bytes}
                           for s in shards), key=lambda e: e["name"]),
         "draw_law": family.draw_law(),
+        "prompt_dropout": None if dropout is None else {"prob": dropout.prob, "empty_prompt": weights_hash(dropout.empty)},
         "seed": cfg.seed,
         "num_draws": num_draws,
         "dtype": dtype,

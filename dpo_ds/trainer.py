@@ -16,7 +16,7 @@ import torch
 
 from dpo_ds import engine, reference
 from dpo_ds.config import RunConfig
-from dpo_ds.data import PairLoader, ShardInfo, list_shards
+from dpo_ds.data import PairLoader, ShardInfo, list_shards, prompt_dropout
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.losses import bucket_sums, preference_loss, sft_loss
 from dpo_ds.metrics import GapWatch, Metrics, Window
@@ -78,12 +78,13 @@ class Trainer:
         self.policy = engine.Policy(unet, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
                                     cfg.optim, cfg.train.max_steps)
 
+        schema = self.family.sample_schema(self.unet_config)
         self.loader = PairLoader(
             shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
             world_size=engine.world_size(), seed=cfg.seed, num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            schema=self.family.sample_schema(self.unet_config), draw_t=self.family.draw_t,
-            num_draws=self.reference.num_draws if self.has_cache else None)
+            schema=schema, draw_t=self.family.draw_t, num_draws=self.reference.num_draws if self.has_cache else None,
+            dropout=prompt_dropout(cfg.data.empty_prompt_prob, shards, family.PROMPT_TENSORS, schema))
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
         self.gap_watch = GapWatch(cfg.logging.gap_w_window)
@@ -92,7 +93,8 @@ class Trainer:
             self.val_loader = PairLoader(
                 val_shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
                 world_size=engine.world_size(), seed=cfg.seed, num_workers=0, shuffle_buffer=1,
-                schema=self.loader.schema, draw_t=self.family.draw_t, num_draws=1)
+                schema=schema, draw_t=self.family.draw_t, num_draws=1,
+                dropout=prompt_dropout(cfg.data.empty_prompt_prob, val_shards, family.PROMPT_TENSORS, schema))
 
     # ------------------------------------------------------------ the step
 

@@ -354,3 +354,31 @@ def test_writer_rejects_bad_pairs(tmp_path, key, override, reason):
         assert repr(key) in str(error.value)
         writer.write("fine", meta, tensors)
     assert data.list_shards(str(tmp_path))[0].num_pairs == 1
+
+
+def test_empty_prompt_dropout_replaces_the_prompt_tensors_of_dropped_pairs(tmp_path):
+    """data.empty_prompt_prob: a dropped pair's prompt tensors (winner and loser share them) become the empty
+    prompt's; everything else, its t and noise included, is what it would be without dropout."""
+    pairs = write_pairs(tmp_path, range(40), max_pairs=20)
+    shards = data.list_shards(str(tmp_path))
+    names = ("prompt_embeds", "pooled_prompt_embeds")
+    with pytest.raises(ValueError, match="empty_prompt.safetensors"):
+        data.prompt_dropout(0.5, shards, names, SCHEMA)
+    empty = {"prompt_embeds": torch.full((77, 32), 0.5).half(), "pooled_prompt_embeds": torch.zeros(32).half()}
+    safetensors.torch.save_file(empty, str(tmp_path / data.EMPTY_PROMPT_NAME))
+    dropout = data.prompt_dropout(0.5, shards, names, SCHEMA)
+    assert data.prompt_dropout(0.0, shards, names, SCHEMA) is None
+    samples = [data.decode_sample(k, m, SCHEMA) for s in shards for k, m in data.tar_samples(s.url)]
+    plain, dropped = data.collate_pairs(samples, 3, 7, LAW), data.collate_pairs(samples, 3, 7, LAW, dropout)
+    is_dropped = [noise.is_prompt_dropped(7, k, 3, 0.5) for k in plain["keys"]]
+    assert 5 < sum(is_dropped) < 35
+    for i, d in enumerate(is_dropped):
+        for name in names:
+            expected = empty[name].float() if d else plain[name][i]
+            assert torch.equal(dropped[name][i], expected), (i, name)
+    for name in ("t", "noise", "latents_w", "latents_l", "time_ids_w", "time_ids_l"):
+        assert torch.equal(dropped[name], plain[name]), name
+    assert set(plain["keys"]) == set(pairs)
+    safetensors.torch.save_file({"prompt_embeds": torch.zeros(77, 16)}, str(tmp_path / data.EMPTY_PROMPT_NAME))
+    with pytest.raises(ValueError, match="prompt_embeds is \\(77, 16\\); the model's schema says \\(77, 32\\)"):
+        data.prompt_dropout(0.5, shards, names, SCHEMA)

@@ -335,3 +335,8 @@ def test_sd15_family_encodes_one_text_encoders_last_states(world, tmp_path):
         with torch.no_grad():
             expected = encoder(ids).last_hidden_state[0]
         assert torch.allclose(pair["tensors"]["prompt_embeds"].float(), expected, atol=2e-3)
+    # The empty prompt's conditioning beside the shards, for data.empty_prompt_prob.
+    empty = data.load_empty_prompt(data.list_shards(str(tmp_path / "shards")), family.PROMPT_TENSORS, schema)
+    ids = tokenizer([""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(empty["prompt_embeds"], encoder(ids).last_hidden_state[0], atol=2e-3)

@@ -1,5 +1,6 @@
 """Every family other than SDXL end to end through the real `deepspeed` launcher: 2 CPU processes,
-ZeRO-3, the live offloaded reference and then the reference cache, export loaded back with diffusers.
+ZeRO-3, the live offloaded reference and then the reference cache (with empty-prompt dropout, which the
+cache must reproduce), export loaded back with diffusers.
 (SDXL's runs are tests/test_e2e.py and tests/test_reference_cache.py.)"""
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def test_family_trains_live_and_cached_alike_and_exports(family, tmp_path):
                     "--num-pairs", "16", "--pairs-per-shard", "4", "--resolution", "64", "--seed", "0"],
                    check=True, env=env(), capture_output=True)
     # beta 10: at beta 500 Adam's first steps amplify float32 rounding between the live and cached errors.
+    # Half the pairs train on the empty prompt: the cache holds the errors of exactly those draws.
     sections = dict(model={"pretrained_path": str(data / "model"), "family": family}, dpo={"beta": 10.0},
+                    data={"empty_prompt_prob": 0.5},
                     train={"max_steps": MAX_STEPS}, checkpoint={"every_steps": 100})
     live_cfg = write_run_config(tmp_path / "live.yaml", data, tmp_path / "live", **sections)
     _ok(deepspeed_train(live_cfg))

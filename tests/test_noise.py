@@ -95,3 +95,19 @@ def test_timestep_range_is_respected():
     law = functools.partial(uniform_timestep, lo=100, hi=200)
     ts = [draw(0, f"k{i}", 0, (1,), law)[0] for i in range(200)]
     assert min(ts) >= 100 and max(ts) < 200 and len(set(ts)) > 50
+
+
+def test_prompt_dropout_is_part_of_the_seeded_draw():
+    """Which pairs train on the empty prompt: a pure function of (seed, key, draw index) at the given rate,
+    from a generator of its own, so t and the noise are those of a run without dropout."""
+    from dpo_ds.noise import is_prompt_dropped
+
+    keys = [f"k{i}" for i in range(2000)]
+    dropped = [is_prompt_dropped(7, k, 0, 0.2) for k in keys]
+    assert dropped == [is_prompt_dropped(7, k, 0, 0.2) for k in keys]
+    assert abs(sum(dropped) / len(keys) - 0.2) < 0.03  # binomial standard error 0.009
+    assert dropped != [is_prompt_dropped(7, k, 1, 0.2) for k in keys]  # another epoch, another choice
+    assert not any(is_prompt_dropped(7, k, 0, 0.0) for k in keys)
+    t, eps = draw(7, "k1", 0, (4, 8, 8), LAW)
+    is_prompt_dropped(7, "k1", 0, 0.5)
+    assert draw(7, "k1", 0, (4, 8, 8), LAW)[0] == t and torch.equal(draw(7, "k1", 0, (4, 8, 8), LAW)[1], eps)

@@ -203,7 +203,8 @@ def test_cache_refused_for_other_weights_shards_seed(cached, small, tmp_path):
                              ([f"--reference.pretrained_path={other_model}"], "field 'reference_weights' differs"),
                              ([f"--data.shards=[{small}/shards/shard-000000.tar,{small}/shards/shard-000001.tar]"],
                               "shard shard-000002.tar is in the cache but not in this run"),
-                             (["--data.timestep_range=[0,500]"], "field 'draw_law' differs")]:
+                             (["--data.timestep_range=[0,500]"], "field 'draw_law' differs"),
+                             (["--data.empty_prompt_prob=0.2"], "field 'prompt_dropout' differs")]:
         with pytest.raises(ValueError, match="does not match this run") as err:
             _load(cfg, *overrides)
         assert words in str(err.value), str(err.value)

@@ -7,12 +7,16 @@ paths, label_0/label_1 with ties as 0.5; for videos video_0/video_1). Writes (do
   VAL_OUT/... the same layout              pairs whose key hash is below --val-fraction
   OUT/.encode/chunk-CCCCCC.json           a finished chunk: its shards and counts (resume skips it)
   OUT/.encode/summary.json                totals over every finished chunk
+  OUT/empty_prompt.safetensors            (and in VAL_OUT) the family's conditioning of the prompt "" in
+                                          --store-dtype, for data.empty_prompt_prob
 
 One sample per pair, winner first (family "sdxl", latent_layout "CHW"):
   KEY.json         {caption, family, latent_layout, scaling_factor, shift_factor, label: 1.0,
                     source: {manifest, row, winner, labels, crop, crop_seeds, original_sizes[, id]}}
   KEY.safetensors  latents_w, latents_l [4, R/8, R/8], prompt_embeds [77, 2048],
                    pooled_prompt_embeds [1280] in --store-dtype; time_ids_w, time_ids_l [6] float32
+With --family sd15: family "sd15", KEY.safetensors latents_w, latents_l, prompt_embeds [77, 768] (SD 2.x:
+  1024; the text encoder's last hidden states)
 With --family wan, one sample per pair of videos (latent_layout "CFHW"):
   KEY.json         {caption, family: "wan", latent_layout: "CFHW", scaling_factor: 1.0, shift_factor: null,
                     latents_mean, latents_std (per channel), label: 1.0,
@@ -46,10 +50,11 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Iterator
 
+import safetensors.torch
 import torch
 
 from dpo_ds import launchenv
-from dpo_ds.data import INDEX_FORMAT, INDEX_FORMATS, INDEX_NAME, ShardWriter
+from dpo_ds.data import EMPTY_PROMPT_NAME, INDEX_FORMAT, INDEX_FORMATS, INDEX_NAME, ShardWriter
 from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, SD15Encoder,
                            SDXLEncoder, WanEncoder, key_fraction, prepare_row, prepare_video_row)
 
@@ -312,6 +317,17 @@ def _publish_indexes(args: argparse.Namespace, markers: dict[int, dict]) -> None
                         {"format": INDEX_FORMAT, "shards": [entries[n] for n in sorted(entries)]})
 
 
+def _write_empty_prompt(args: argparse.Namespace, encoder) -> None:
+    """EMPTY_PROMPT_NAME beside each output folder's index: the family's conditioning of the prompt "", in the
+    store dtype, which training with data.empty_prompt_prob uses. Every rank writes the same bytes, atomically."""
+    empty = {name: t.to("cpu", STORE_DTYPES[args.store_dtype]).contiguous() for name, t in encoder.empty_prompt().items()}
+    for folder in (args.out, args.val_out):
+        if folder is not None:
+            path = os.path.join(folder, EMPTY_PROMPT_NAME)
+            safetensors.torch.save_file(empty, path + f".{os.getpid()}.tmp")
+            os.replace(path + f".{os.getpid()}.tmp", path)
+
+
 def _totals(markers: list[dict]) -> dict:
     totals = {"chunks": len(markers), "rows": 0, "pairs_written": 0, "val_pairs_written": 0, "ties_dropped": 0,
               "mismatched_sizes_kept": 0, "bad_rows": collections.Counter(), "bytes": 0, "shards": 0}
@@ -410,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             for chunk in pending:
                 markers[chunk] = work.chunk(chunk, progress)
     _publish_indexes(args, markers)
+    if encoder is not None:
+        _write_empty_prompt(args, encoder)
     elapsed = time.time() - started
 
     all_markers = _markers(args.out)

@@ -2,6 +2,7 @@
 
 Writes (docs/design.md §4 format):
   OUT/shards/shard-NNNNNN.tar, OUT/shards/index.json   random latent pairs + the family's conditioning
+  OUT/shards/empty_prompt.safetensors                  random stand-ins for the conditioning of the prompt ""
   OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   the family's tiny UNet2DConditionModel
   OUT/model/scheduler/scheduler_config.json                          the family's training scheduler
 
@@ -15,9 +16,10 @@ import json
 import os
 import sys
 
+import safetensors.torch
 import torch
 
-from dpo_ds.data import ShardWriter
+from dpo_ds.data import EMPTY_PROMPT_NAME, ShardWriter
 from dpo_ds.models import FAMILIES, sd15, sdxl
 
 # family -> (its tiny UNet config, its training scheduler)
@@ -64,6 +66,9 @@ def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resoluti
                     "scaling_factor": 0.13025, "shift_factor": None, "label": 1.0,
                     "source": {"tool": "make_synthetic", "seed": seed, "index": i}}
             writer.write(f"pair{i:08d}", meta, tensors)
+    # A stand-in for the text encoders' conditioning of "", for data.empty_prompt_prob.
+    empty = {name: torch.randn(schema[name], generator=g).to(torch.float16) for name in spec.PROMPT_TENSORS}
+    safetensors.torch.save_file(empty, os.path.join(out_dir, EMPTY_PROMPT_NAME))
     return out_dir
 
 

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from dpo_ds import engine, launchenv, models
 from dpo_ds.config import CACHE_SETTINGS, load_cache_config, training_dtype
-from dpo_ds.data import BadSample, ShardInfo, check_family, collate_pairs, decode_sample, list_shards, tar_samples
+from dpo_ds.data import (BadSample, PromptDropout, ShardInfo, check_family, collate_pairs, decode_sample, list_shards,
+                         prompt_dropout, tar_samples)
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.models.family import Family
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256, frozen_model,
@@ -70,14 +71,16 @@ def build_reference(cfg, family: Family, device: torch.device, dtype: torch.dtyp
     return model, ref_hash
 
 
-def _batch(samples: list[dict], draw_index: int, cfg, family: Family, device: torch.device) -> dict:
+def _batch(samples: list[dict], draw_index: int, cfg, family: Family, dropout: PromptDropout | None,
+           device: torch.device) -> dict:
     """Pairs at one draw index, batched exactly as training batches them (dpo_ds.data.collate_pairs)."""
-    batch = collate_pairs(samples, draw_index, cfg.seed, family.draw_t)
+    batch = collate_pairs(samples, draw_index, cfg.seed, family.draw_t, dropout)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
 def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, family: Family, schema: dict,
+                  dropout: PromptDropout | None,
                   num_draws: int, batch_size: int, dtype: torch.dtype, store_eps: bool,
                   progress: tqdm) -> tuple[list[str], dict[str, torch.Tensor], int]:
     """(keys, tensors of the shard's cache file, number of bad pairs skipped) for one shard."""
@@ -97,7 +100,7 @@ def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, family: Family,
         out["eps_w"], out["eps_l"] = (torch.zeros(n, num_draws, *shape, dtype=torch.bfloat16) for _ in range(2))
     for draw_index in range(num_draws):
         for start in range(0, n, batch_size):
-            batch = _batch(samples[start:start + batch_size], draw_index, cfg, family, device)
+            batch = _batch(samples[start:start + batch_size], draw_index, cfg, family, dropout, device)
             x_t, target, t = family.noisy_pair(batch)
             # Family.pair_errors, split open to keep the prediction for --store-eps.
             pred = family.predict(model, x_t, t, batch, dtype)
@@ -159,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[dtype_name]
     model, ref_hash = build_reference(cfg, family, device, dtype)
     schema = family.sample_schema(dict(model.config))
-    fp = fingerprint(cfg, family, shards, ref_hash, args.num_draws, dtype_name)
+    try:
+        dropout = prompt_dropout(cfg.data.empty_prompt_prob, shards, family.PROMPT_TENSORS, schema)
+    except ValueError as e:
+        print(f"precompute_ref: error: {e}", file=sys.stderr)
+        engine.destroy()
+        return 2
+    fp = fingerprint(cfg, family, shards, ref_hash, args.num_draws, dtype_name, dropout)
     digest = fingerprint_sha256(fp)
 
     mine = [s for i, s in enumerate(shards) if i % world_size == rank]
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     disable=rank != 0 or args.no_progress, desc="reference (rank 0)")
     for shard in todo:
         name = os.path.basename(shard.url)
-        keys, tensors, num_bad = compute_shard(shard, model, cfg, family, schema, args.num_draws,
+        keys, tensors, num_bad = compute_shard(shard, model, cfg, family, schema, dropout, args.num_draws,
                                                args.batch_size, dtype, args.store_eps, progress)
         write_shard_cache(os.path.join(cache_dir, name + FILE_SUFFIX), name, keys, tensors, digest,
                           extra={"num_bad": str(num_bad), "has_eps": json.dumps(args.store_eps)})

@@ -8,7 +8,9 @@ interface, so adding a family adds a module under dpo_ds/models/ and touches not
 is built once per run from the run's model and data settings (dpo_ds.models.build) and owns:
 
   the denoiser     check_source, load_denoiser, set_attention, export
-  the schema       sample_schema: every tensor a shard sample must carry, and its shape
+  the schema       sample_schema: every tensor a shard sample must carry, and its shape;
+                   PROMPT_TENSORS: those the prompt alone decides (replaced by the empty prompt's
+                   when data.empty_prompt_prob drops a pair's prompt)
   the draw's law   draw_t: the pair's value t (DDPM: an integer timestep as a float; flow and EDM:
                    σ) from the pair's seeded generator; draw_law: that law as JSON, for fingerprints;
                    noise_level: t mapped to [0, 1] (0 clean, 1 pure noise), for diagnostics
@@ -82,6 +84,8 @@ class Family(ABC):
         `scheduler`, components in `dtype`, its progress bar off."""
 
     # ------------------------------------------------------------ data
+
+    PROMPT_TENSORS: ClassVar[tuple[str, ...]]  # the sample's tensors that depend on the prompt alone
 
     @abstractmethod
     def sample_schema(self, denoiser_config: dict) -> dict[str, tuple[int, ...] | None]:

@@ -47,6 +47,7 @@ SD15_SCHEDULER_CONFIG = {
 
 class SD15(DDPMUNet2D):
     NAME = "sd15"
+    PROMPT_TENSORS = ("prompt_embeds",)
     BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
     @staticmethod

@@ -53,6 +53,7 @@ SDXL_SCHEDULER_CONFIG = {
 
 class SDXL(DDPMUNet2D):
     NAME = "sdxl"
+    PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
     BASE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
     @staticmethod
