@@ -182,7 +182,8 @@ def _shown(path: Path) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    seconds = round(seconds)  # first, so 119.6 s reads "2 min 00 s", not "1 min 60 s"
+    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
