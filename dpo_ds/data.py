@@ -275,7 +275,7 @@ def _open_shard(url: str) -> Iterator:
         raise OSError(f"{url!r} exited with status {proc.returncode}")
 
 
-def _shard_keys(url: str) -> list[str]:
+def shard_keys(url: str) -> list[str]:
     """The key of every sample tar_samples yields, repeats included, so its length is what the reader
     plans with; for local files only the headers are read, payloads are seeked over."""
     keys: list[str] = []
@@ -328,7 +328,7 @@ def list_shards(spec: str | list[str], check: bool = False) -> list[ShardInfo]:
     shards, keys_of = [], {}  # keys_of: url -> keys in tar order, or None where the index lists none
     for url in urls:
         if url.startswith("pipe:"):
-            keys_of[url] = _shard_keys(url)
+            keys_of[url] = shard_keys(url)
             shards.append(ShardInfo(url, len(keys_of[url]), -1))
             continue
         index_path = os.path.join(os.path.dirname(os.path.abspath(url)), INDEX_NAME)
@@ -346,7 +346,7 @@ def list_shards(spec: str | list[str], check: bool = False) -> list[ShardInfo]:
         if entry is not None:
             log.warning("shard %s has %d bytes, %s says %d; counting its pairs",
                         url, size, index_path, entry["size_bytes"])
-        keys_of[url] = _shard_keys(url)
+        keys_of[url] = shard_keys(url)
         shards.append(ShardInfo(url, len(keys_of[url]), size))
     if check:
         _check_readable(shards)
@@ -388,7 +388,7 @@ def _check_unique_keys(shards: list[ShardInfo], keys_of: dict[str, list[str] | N
                  "that no key is in two shards", len(unknown))
     shard_of: dict[str, str] = {}
     for shard in shards:
-        keys = keys_of[shard.url] if keys_of[shard.url] is not None else _shard_keys(shard.url)
+        keys = keys_of[shard.url] if keys_of[shard.url] is not None else shard_keys(shard.url)
         for key in dict.fromkeys(keys):  # a repeat inside one shard is the reader's to count
             first = shard_of.setdefault(key, shard.url)
             if first != shard.url:
@@ -399,26 +399,23 @@ def _check_unique_keys(shards: list[ShardInfo], keys_of: dict[str, list[str] | N
 def check_family(shards: list[ShardInfo], family: str, latent_layout: str) -> None:
     """Refuse shards written for another model family or latent layout, naming the shard: its pairs would be
     bad samples one by one (wrong shapes), or, where shapes happen to agree, silently train the wrong thing.
-    Reads the first sample's json of each local shard; pipe: URLs are not run. Unreadable shards are the
-    start-up check's (list_shards check=True) to report."""
+    Reads the first json member of each local shard (payloads before it are seeked over); pipe: URLs are not
+    run. Unreadable shards are the start-up check's (list_shards check=True) to report."""
     for shard in shards:
         if shard.url.startswith("pipe:"):
             continue
-        samples = tar_samples(shard.url)
         try:
-            key, members = next(samples, (None, None))
-        except SHARD_ERRORS:
-            continue
-        finally:
-            samples.close()
-        try:
-            meta = json.loads(members["json"]) if isinstance(members, dict) and members.get("json") else None
-        except ValueError:
-            continue  # a bad sample, counted when read
+            with tarfile.open(shard.url, mode="r:*") as tar:
+                member = next((m for m in tar if m.isfile() and (match := _KEY_EXT.match(m.name))
+                               and match[2] == "json"), None)
+                meta = json.loads(tar.extractfile(member).read()) if member is not None else None
+        except (*SHARD_ERRORS, ValueError):
+            continue  # unreadable or a bad sample: counted when read
         if not isinstance(meta, dict):
             continue
         found = (meta.get("family"), meta.get("latent_layout"))
         if found != (family, latent_layout):
+            key = _KEY_EXT.match(member.name)[1]
             raise ValueError(f"shard {shard.url} holds pairs for family {found[0]!r} with latent_layout {found[1]!r} "
                              f"(pair {key!r}); the run's model.family {family!r} takes {latent_layout!r}: encode the "
                              "shards for this model, or set model.family to theirs")

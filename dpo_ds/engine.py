@@ -456,15 +456,15 @@ def complete_tag(ckpt_dir: str, tag: str) -> str:
             raise ValueError(f"{latest} does not exist: the run has saved no complete checkpoint yet; "
                              "pass a tag with one of the folders of checkpoints/")
         tag = latest.read_text().strip()
+    folder = Path(ckpt_dir, tag)
+    if (folder / COMPLETE).is_file():
+        return tag
     complete = sorted(d.name for d in Path(ckpt_dir).iterdir() if (d / COMPLETE).is_file()) \
         if Path(ckpt_dir).is_dir() else []
-    folder = Path(ckpt_dir, tag)
     if not folder.is_dir():
         raise ValueError(f"checkpoint {folder} does not exist; complete checkpoints: {complete or 'none'}")
-    if not (folder / COMPLETE).is_file():
-        raise ValueError(f"checkpoint {folder} is incomplete (no {COMPLETE} marker: cut off while being written); "
-                         f"complete checkpoints: {complete or 'none'}")
-    return tag
+    raise ValueError(f"checkpoint {folder} is incomplete (no {COMPLETE} marker: cut off while being written); "
+                     f"complete checkpoints: {complete or 'none'}")
 
 
 def find_resume_tag(ckpt_dir: str, resume: str) -> str | None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from dpo_ds import engine, launchenv, models
 from dpo_ds.config import CACHE_SETTINGS, load_cache_config, training_dtype
 from dpo_ds.data import (BadSample, PromptDropout, ShardInfo, check_family, collate_pairs, decode_sample, list_shards,
-                         prompt_dropout, tar_samples)
+                         prompt_dropout, shard_keys, tar_samples)
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.models.family import Family
 from dpo_ds.reference import (CACHE_FORMAT, FILE_SUFFIX, MANIFEST_NAME, fingerprint, fingerprint_sha256, frozen_model,
@@ -118,13 +118,13 @@ def compute_shard(shard: ShardInfo, model: torch.nn.Module, cfg, family: Family,
 
 
 def _all_keys(mine: list[ShardInfo], todo: list[ShardInfo], cache_dir: str) -> dict[str, list[str]]:
-    """Every shard's pair keys, by shard name, on every rank: each rank reads its own shards' keys (the
-    tar, or a finished cache file's metadata), then all ranks exchange them."""
+    """Every shard's pair keys, by shard name, on every rank: each rank reads its own shards' keys (the tar's
+    headers, payloads seeked over, or a finished cache file's metadata), then all ranks exchange them."""
     keys = {}
     for shard in mine:
         name = os.path.basename(shard.url)
         if shard in todo:
-            keys[name] = [key for key, _ in tar_samples(shard.url)]
+            keys[name] = list(dict.fromkeys(shard_keys(shard.url)))  # a repeat inside one shard is a bad pair
         else:
             keys[name] = json.loads(read_shard_metadata(os.path.join(cache_dir, name + FILE_SUFFIX))["keys"])
     return {name: k for rank_keys in engine.all_gather_object(keys) for name, k in rank_keys.items()}
