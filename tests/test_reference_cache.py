@@ -404,3 +404,19 @@ def test_trainer_refuses_other_seed_and_logs_drift(cached, small, tmp_path):
     drift = read_scalars(tmp_path / "run" / "tensorboard")["ref/cache_drift"]
     assert [s for s, _ in drift] == [1, 2]
     assert all(0 <= v < 1e-5 for _, v in drift), drift
+
+
+@pytest.mark.slow
+def test_a_key_repeated_inside_one_shard_is_a_bad_pair_not_a_refusal(small, tmp_path):
+    """A key repeated inside one tar is the reader's bad pair (the first sample kept): the precompute skips it
+    and counts it, as training does, instead of refusing the data set as if two shards held the key."""
+    from conftest import write_raw_tar
+    from dpo_ds.data import tar_samples
+
+    shards = _copy_shards(small, tmp_path / "shards")
+    samples = list(tar_samples(str(shards / "shard-000000.tar")))
+    write_raw_tar(shards / "shard-000000.tar", samples + samples[:1])
+    cfg = write_run_config(tmp_path / "run.yaml", small, tmp_path / "run", data={"shards": str(shards)})
+    _ok(_precompute(cfg, tmp_path / "cache"))
+    files = {f["shard"]: f for f in json.loads((tmp_path / "cache" / "manifest.json").read_text())["files"]}
+    assert (files["shard-000000.tar"]["num_pairs"], files["shard-000000.tar"]["num_bad"]) == (len(samples), 1)
