@@ -18,6 +18,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@echo "make: compiling DeepSpeed's CPU communication op once (about a minute on a CPU-only machine)"
+	$(PY) -c "from dpo_ds import engine; engine.build_cpu_ops()"
 	touch $@
 
 venv: $(VENV)/.installed

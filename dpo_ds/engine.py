@@ -138,6 +138,17 @@ def clear_stale_build_lock(name: str = "deepspeed_shm_comm") -> bool:
     return True
 
 
+def build_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU communication op now, into this environment's extensions folder.
+
+    `make venv` calls this once, so a fresh clone's first run does not spend about a minute compiling
+    before its first step. Does nothing where the accelerator has no such op (GPUs)."""
+    from deepspeed.comm.torch import build_shm_op
+
+    clear_stale_build_lock()
+    build_shm_op()
+
+
 def shm_workspace_path(rank: int) -> Path:
     """Where DeepSpeed's CPU backend puts a rank's shared-memory all-reduce workspace (see its shm.cpp)."""
     return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
