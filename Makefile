@@ -33,7 +33,7 @@ demo-objectives: venv
 		--objectives all --seeds 0,1,2
 
 test: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15 tests
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs -m "not slow" tests

@@ -23,13 +23,14 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: Literal["sdxl", "sd15"] = "sdxl"
+    family: str = "sdxl"
     """Model family (dpo_ds/models/): the denoiser class, its conditioning, latent layout, forward process
     and the law of each pair's draw. `sdxl`: SDXL; `sd15`: SD 1.5 and SD 2.x (one CLIP text encoder)."""
     pretrained_path: str | None = None
-    """Local diffusers model folder holding `unet/` (and `scheduler/`). Required unless `unet_config` is set."""
-    unet_config: str | None = None
-    """Path to a UNet config.json to build a freshly initialised model from (tests, toy runs)."""
+    """Local diffusers model folder holding the family's denoiser (`unet/` or `transformer/`) and `scheduler/`.
+    Required unless `denoiser_config` is set."""
+    denoiser_config: str | None = None
+    """Path to a denoiser config.json to build a freshly initialised model from (tests, toy runs)."""
     scheduler_config: str | None = None
     """Path to a scheduler_config.json; default `pretrained_path/scheduler/scheduler_config.json`."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
@@ -45,11 +46,21 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if (self.pretrained_path is None) == (self.unet_config is None):
-            raise ValueError("set exactly one of model.pretrained_path (a diffusers folder) or model.unet_config (a config.json)")
-        if self.unet_config is not None and self.scheduler_config is None:
-            raise ValueError("model.unet_config needs model.scheduler_config (a scheduler_config.json)")
+        if (self.pretrained_path is None) == (self.denoiser_config is None):
+            raise ValueError("set exactly one of model.pretrained_path (a diffusers folder) or "
+                             "model.denoiser_config (a config.json)")
+        if self.denoiser_config is not None and self.scheduler_config is None:
+            raise ValueError("model.denoiser_config needs model.scheduler_config (a scheduler_config.json)")
         return self
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name: str) -> str:
+        from dpo_ds.models import FAMILIES  # the registry: a new family is a module there, not an edit here
+
+        if name not in FAMILIES:
+            raise ValueError(f"model.family: unknown family {name!r}; the families are {sorted(FAMILIES)}")
+        return name
 
 
 class DataConfig(_Section):
@@ -322,7 +333,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
 # What a reference cache's values depend on (tools/precompute_ref.py reads these and nothing else;
 # the fingerprint of docs/design.md §5 records them). Every other setting of a run config is
 # accepted and ignored, so one config file serves the precompute and the training run.
-CACHE_SETTINGS = ("seed", "model.family", "model.pretrained_path", "model.unet_config", "model.scheduler_config",
+CACHE_SETTINGS = ("seed", "model.family", "model.pretrained_path", "model.denoiser_config", "model.scheduler_config",
                   "model.prediction_type", "model.dtype", "model.vae_scale_factor", "data.shards",
                   "data.resolution", "data.timestep_range", "data.empty_prompt_prob", "reference.pretrained_path",
                   "reference.cache_dir")

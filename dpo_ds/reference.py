@@ -115,7 +115,7 @@ def frozen_model(cfg: RunConfig, family: Family) -> tuple[torch.nn.Module, str]:
         model = family.load_denoiser(cfg.reference.pretrained_path, None)
     else:
         torch.manual_seed(cfg.seed)  # the trainer's init of a from-config policy, hence of its reference
-        model = family.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
+        model = family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
     family.set_attention(model, cfg.model.attention)
     return model.requires_grad_(False).eval(), weights_hash_of_reference(cfg, family, model)
 

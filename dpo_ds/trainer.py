@@ -62,23 +62,23 @@ class Trainer:
         self.resume_tag = engine.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)  # None: a fresh run
 
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank (from-config models)
-        unet = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.unet_config)
-        self.family.set_attention(unet, cfg.model.attention)
-        self.unet_config = dict(unet.config)
+        denoiser = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
+        self.family.set_attention(denoiser, cfg.model.attention)
+        self.denoiser_config = dict(denoiser.config)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
         self.has_warned_cycling = False
         self.cache_drift: float | None = None  # ref/cache_drift of the last drift check, until it is logged
         self.is_drift_check_due = False
         val_shards = list_shards(cfg.data.val_shards) if cfg.data.val_every else None
-        refs = reference.for_training(cfg, family, shards, val_shards, unet, ds_config, dtype)
+        refs = reference.for_training(cfg, family, shards, val_shards, denoiser, ds_config, dtype)
         self.reference, self.val_reference, self.drift_reference = refs.train, refs.val, refs.drift
         if cfg.model.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.policy = engine.Policy(unet, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
+            denoiser.enable_gradient_checkpointing()
+        self.policy = engine.Policy(denoiser, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
                                     cfg.optim, cfg.train.max_steps)
 
-        schema = self.family.sample_schema(self.unet_config)
+        schema = self.family.sample_schema(self.denoiser_config)
         self.loader = PairLoader(
             shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
             world_size=engine.world_size(), seed=cfg.seed, num_workers=cfg.data.num_workers,
@@ -301,7 +301,7 @@ class Trainer:
         state_dict = self.policy.full_state_dict()
         out = self.out / "export" / self.family.DENOISER_SUBFOLDER
         if engine.rank() == 0:
-            self.family.export(state_dict, self.unet_config, str(out), torch.float32)
+            self.family.export(state_dict, self.denoiser_config, str(out), torch.float32)
             log.info("exported %s", out)
         engine.barrier()
         return out

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, env, write_run_config
 from dpo_ds.config import load_config, resolve_ds_config
 
-BASE = ["--output_dir=out", "--model.unet_config=u.json", "--model.scheduler_config=s.json",
+BASE = ["--output_dir=out", "--model.denoiser_config=u.json", "--model.scheduler_config=s.json",
         "--data.shards=x.tar", "--train.max_steps=3"]
 
 
@@ -33,6 +33,7 @@ def test_overrides_reach_every_section(tmp_path):
     ("--model.gradient_checkpointing=1", "model.gradient_checkpointing"),
     ("--optim.name=sgd", "optim.name"),
     ("--train.max_steps=0", "train.max_steps"),
+    ("--model.family=wan22", "model.family: unknown family 'wan22'; the families are"),
 ])
 def test_bad_settings_name_the_key(arg, expected):
     with pytest.raises(ValueError, match=expected.replace(".", r"\.")):

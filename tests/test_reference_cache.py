@@ -87,7 +87,7 @@ def test_fingerprint_mismatch_names_the_field():
 def test_cache_settings_are_checked_on_load():
     from dpo_ds.config import load_config
 
-    base = ["--output_dir=o", "--model.unet_config=u.json", "--model.scheduler_config=s.json",
+    base = ["--output_dir=o", "--model.denoiser_config=u.json", "--model.scheduler_config=s.json",
             "--data.shards=d", "--train.max_steps=1"]
     with pytest.raises(ValueError, match="reference.mode=cache needs reference.cache_dir"):
         load_config(None, base + ["--reference.mode=cache"])
@@ -100,11 +100,11 @@ def test_cache_settings_are_checked_on_load():
 def test_precompute_config_needs_only_what_the_cache_depends_on(tmp_path):
     from dpo_ds.config import CACHE_SETTINGS, load_cache_config, load_config
 
-    cache_only = ["--model.unet_config=u.json", "--model.scheduler_config=s.json", "--data.shards=d", "--seed=3"]
+    cache_only = ["--model.denoiser_config=u.json", "--model.scheduler_config=s.json", "--data.shards=d", "--seed=3"]
     with pytest.raises(ValueError, match="missing required key 'output_dir'"):
         load_config(None, cache_only)
     cfg = load_cache_config(None, cache_only)
-    assert (cfg.seed, cfg.data.shards, cfg.model.unet_config) == (3, "d", "u.json")
+    assert (cfg.seed, cfg.data.shards, cfg.model.denoiser_config) == (3, "d", "u.json")
     # A whole run config is read the same way, its run-only settings kept but unused.
     full = load_cache_config(None, cache_only + ["--output_dir=o", "--train.max_steps=7", "--dpo.beta=9"])
     assert (full.output_dir, full.train.max_steps, full.dpo.beta) == ("o", 7, 9.0)

@@ -1,7 +1,7 @@
 """Export a DeepSpeed checkpoint of a training run as a diffusers model folder.
 
 Reads OUTPUT_DIR/config.yaml (the run's resolved configuration: model family, and the denoiser's
-config from model.pretrained_path/unet or model.unet_config) and OUTPUT_DIR/checkpoints/<tag>
+config from model.pretrained_path/unet or model.denoiser_config) and OUTPUT_DIR/checkpoints/<tag>
 (ZeRO-2 or ZeRO-3 shards written by any number of ranks; `latest` is the newest complete one),
 merges the shards into full fp32 weights in this one process, and writes:
 
@@ -33,11 +33,11 @@ def denoiser_config(cfg: RunConfig, config_path: str) -> dict:
     """The denoiser's diffusers config, from where the run built its model."""
     spec = models.family_class(cfg.model.family)
     try:
-        spec.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
+        spec.check_source(cfg.model.pretrained_path, cfg.model.denoiser_config)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}; if the model moved, pass --model.pretrained_path=NEW_PATH "
-                         "(or --model.unet_config=NEW_PATH)") from None
-    path = cfg.model.unet_config or os.path.join(cfg.model.pretrained_path, spec.DENOISER_SUBFOLDER, "config.json")
+                         "(or --model.denoiser_config=NEW_PATH)") from None
+    path = cfg.model.denoiser_config or os.path.join(cfg.model.pretrained_path, spec.DENOISER_SUBFOLDER, "config.json")
     with open(path) as f:
         return json.load(f)
 
@@ -51,7 +51,7 @@ def export(run_dir: str, tag: str, out: str | None, dtype: str, config_path: str
                          "(or pass --config with the run's config.yaml)")
     cfg = load_config(config_path, overrides)
     spec = models.family_class(cfg.model.family)
-    unet_config = denoiser_config(cfg, config_path)
+    config = denoiser_config(cfg, config_path)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     try:
         tag = engine.complete_tag(ckpt_dir, tag)
@@ -61,10 +61,10 @@ def export(run_dir: str, tag: str, out: str | None, dtype: str, config_path: str
 
     state_dict = engine.consolidated_state_dict(ckpt_dir, tag)
     try:
-        spec.export(state_dict, unet_config, out, DTYPES[dtype])
+        spec.export(state_dict, config, out, DTYPES[dtype])
     except RuntimeError as e:  # load_state_dict(strict=True): the checkpoint is of another model
         raise ValueError(f"checkpoint {ckpt_dir}/{tag} does not fit the denoiser described by {config_path} "
-                         f"(model.pretrained_path / model.unet_config); pass the config of the run that wrote "
+                         f"(model.pretrained_path / model.denoiser_config); pass the config of the run that wrote "
                          f"it with --config.\n{e}") from None
     num_params = sum(t.numel() for t in state_dict.values())
     print(f"exported {ckpt_dir}/{tag} -> {out} ({len(state_dict)} tensors, {num_params:,} values, {dtype})")

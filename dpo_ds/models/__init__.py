@@ -33,6 +33,6 @@ def load_scheduler_config(pretrained_path: str | None, scheduler_config: str | N
 def build(cfg) -> Family:
     """The run's family (cfg: a RunConfig), its scheduler config read once; raises ValueError naming the setting."""
     cls = family_class(cfg.model.family)
-    cls.check_source(cfg.model.pretrained_path, cfg.model.unet_config)
+    cls.check_source(cfg.model.pretrained_path, cfg.model.denoiser_config)
     scheduler = load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
     return cls.from_settings(cfg.model, cfg.data, scheduler)
