@@ -14,11 +14,12 @@ import torch
 
 from conftest import write_raw_tar
 from dpo_ds import data, noise
+from dpo_ds.models import ddpm
 
 SCHEMA = {"prompt_embeds": (77, 32), "pooled_prompt_embeds": (32,), "time_ids_w": (6,), "time_ids_l": (6,)}
 # The law of t of a DDPM family over 1000 timesteps (dpo_ds.models.unet2d), and one over [100, 900).
-LAW = functools.partial(noise.uniform_timestep, lo=0, hi=1000)
-NARROW_LAW = functools.partial(noise.uniform_timestep, lo=100, hi=900)
+LAW = functools.partial(ddpm.uniform_timestep, lo=0, hi=1000)
+NARROW_LAW = functools.partial(ddpm.uniform_timestep, lo=100, hi=900)
 
 
 def make_pair(index: int) -> tuple[str, dict, dict[str, torch.Tensor]]:

@@ -12,8 +12,8 @@ from abc import abstractmethod
 
 import torch
 
+from dpo_ds.models.ddpm import DDPMProcess, uniform_timestep
 from dpo_ds.models.family import Family
-from dpo_ds.noise import DDPMProcess, uniform_timestep
 
 
 class DDPMUNet2D(Family):
