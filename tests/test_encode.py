@@ -320,8 +320,8 @@ def test_sd15_family_encodes_one_text_encoders_last_states(world, tmp_path):
     common = [a if a != str(world["model"]) else str(model) for a in world["common"]]
     summary = ok(encode(*common, "--family", "sd15", "--out", str(tmp_path / "shards")))
     assert summary["pairs_written"] == len(GOOD_ROWS)
-    family = sd15.SD15(sd15.SD15_SCHEDULER_CONFIG, None, RESOLUTION, 8)
-    schema = family.sample_schema(sd15.TINY_UNET_CONFIG)
+    family = sd15.SD15.tiny(RESOLUTION)
+    schema = family.sample_schema(sd15.SD15.TINY_DENOISER_CONFIG)
     pairs = {k: data.decode_sample(k, m, schema) for shard in data.list_shards(str(tmp_path / "shards"))
              for k, m in data.tar_samples(shard.url)}
     assert len(pairs) == len(GOOD_ROWS)

@@ -11,21 +11,19 @@ from dpo_ds import models, noise
 from dpo_ds.models import sd15, sdxl
 from dpo_ds.models.family import Family
 
-FAMILIES = {"sdxl": (sdxl.SDXL, sdxl.TINY_UNET_CONFIG, sdxl.SDXL_SCHEDULER_CONFIG),
-            "sd15": (sd15.SD15, sd15.TINY_UNET_CONFIG, sd15.SD15_SCHEDULER_CONFIG)}
+FAMILIES = {"sdxl": sdxl.SDXL, "sd15": sd15.SD15}
 
 
 def _family(name: str, prediction_type=None, timestep_range=None) -> Family:
-    cls, _, scheduler = FAMILIES[name]
-    return cls(scheduler, prediction_type, 64, 8, timestep_range)
+    cls = FAMILIES[name]
+    return cls(cls.SCHEDULER_CONFIG, prediction_type, 64, 8, timestep_range)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_and_unet(request):
-    from diffusers import UNet2DConditionModel
-
+    cls = FAMILIES[request.param]
     torch.manual_seed(0)
-    return _family(request.param), UNet2DConditionModel.from_config(FAMILIES[request.param][1]).eval()
+    return _family(request.param), cls.denoiser_from_config(cls.TINY_DENOISER_CONFIG).eval()
 
 
 def _batch(schema, b=3):
@@ -43,15 +41,15 @@ def test_every_family_is_registered_under_its_name():
 
 
 def test_schemas_follow_the_unet_config():
-    schema = _family("sdxl").sample_schema(sdxl.TINY_UNET_CONFIG)
+    schema = _family("sdxl").sample_schema(sdxl.SDXL.TINY_DENOISER_CONFIG)
     assert schema["latents_w"] == (4, 8, 8) and schema["prompt_embeds"] == (77, 64)
     assert schema["pooled_prompt_embeds"] == (32,) and schema["time_ids_l"] == (6,)
-    assert _family("sd15").sample_schema(sd15.TINY_UNET_CONFIG) == {
+    assert _family("sd15").sample_schema(sd15.SD15.TINY_DENOISER_CONFIG) == {
         "latents_w": (4, 8, 8), "latents_l": (4, 8, 8), "prompt_embeds": (77, 32)}
     with pytest.raises(ValueError, match="multiple"):
-        sdxl.SDXL(sdxl.SDXL_SCHEDULER_CONFIG, None, 60, 8)
+        sdxl.SDXL(sdxl.SDXL.SCHEDULER_CONFIG, None, 60, 8)
     with pytest.raises(ValueError, match="use model.family=sdxl"):
-        _family("sd15").sample_schema(sdxl.TINY_UNET_CONFIG)
+        _family("sd15").sample_schema(sdxl.SDXL.TINY_DENOISER_CONFIG)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -115,7 +113,7 @@ def test_sdxl_uses_each_images_time_ids():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    family, unet = _family("sdxl"), UNet2DConditionModel.from_config(sdxl.TINY_UNET_CONFIG).eval()
+    family, unet = _family("sdxl"), UNet2DConditionModel.from_config(sdxl.SDXL.TINY_DENOISER_CONFIG).eval()
     batch = _batch(family.sample_schema(dict(unet.config)))
     batch["latents_l"] = batch["latents_w"].clone()
     x_t, target, t = family.noisy_pair(batch)

@@ -10,7 +10,8 @@ about half the time; Diffusion-DPO on the pairs should move that rate toward
 the preferred mode, and the evaluation here measures whether it does.
 
   python tools/toy_world.py data --out DIR [--num-pairs N] [--prefer A|B] [--seed S]
-      writes DIR/shards/ (docs/design.md §4 format) and DIR/model/ (a fresh tiny UNet + a DDPM scheduler)
+      writes DIR/shards/ (docs/design.md §4 format) and DIR/model/ (the sdxl family's tiny UNet, fresh, and a
+      DDPM scheduler)
   python tools/toy_world.py eval --reference MODEL_DIR --policy UNET_DIR [--num-samples N] [--json OUT]
       samples both (DDIM, fixed seeds, same initial noise) and reports the rate of the preferred mode
       (samples near neither mode never count) with a bootstrap 95% interval of the difference
@@ -27,6 +28,9 @@ import torch
 
 from dpo_ds.data import ShardWriter
 from dpo_ds.models import sdxl
+from make_synthetic import write_model  # a sibling script: the one writer of tiny models
+
+FAMILY = "sdxl"  # the toy's model is the sdxl family's tiny UNet
 
 PATTERN_SEED = 20240601
 AMPLITUDE, SPREAD = 0.8, 0.3
@@ -100,25 +104,11 @@ def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_sh
                        "prompt_embeds": cond["prompt_embeds"].half(),
                        "pooled_prompt_embeds": cond["pooled_prompt_embeds"].half(),
                        "time_ids_w": cond["time_ids"], "time_ids_l": cond["time_ids"]}
-            meta = {"caption": "toy", "family": "sdxl", "latent_layout": "CHW", "scaling_factor": 1.0,
+            meta = {"caption": "toy", "family": FAMILY, "latent_layout": "CHW", "scaling_factor": 1.0,
                     "shift_factor": None, "label": 1.0, "source": {"tool": "toy_world", "prefer": prefer,
                                                                     "seed": seed, "index": i}}
             writer.write(f"toy{seed}_{i:07d}", meta, tensors)
-    write_model(os.path.join(out, "model"), seed)
-
-
-def write_model(out: str, seed: int, unet=None) -> str:
-    """A diffusers folder: unet/ (given, or freshly initialised) and the toy's scheduler/."""
-    from diffusers import UNet2DConditionModel
-
-    if unet is None:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(sdxl.TINY_UNET_CONFIG)
-    unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
-    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(TOY_SCHEDULER_CONFIG, f, indent=2)
-    return out
+    write_model(os.path.join(out, "model"), seed, FAMILY, TOY_SCHEDULER_CONFIG)
 
 
 NUM_SAMPLING_STEPS, SAMPLING_BATCH = 25, 256

@@ -22,8 +22,11 @@ is built once per run from the run's model and data settings (dpo_ds.models.buil
                    non-batch dimensions (times any loss weight the family defines)
   sampling         BASE_PARTS and pipeline: the diffusers pipeline that samples with a denoiser,
                    from the other components of a base model folder (tools/sample.py)
+  a toy model      TINY_DENOISER_CONFIG, SCHEDULER_CONFIG, denoiser_from_config and tiny: a small
+                   denoiser of the family's layout built from config, for tests, demos and
+                   synthetic data (tools/make_synthetic.py); nothing is downloaded
 
-Subclasses set NAME, LATENT_LAYOUT and DENOISER_SUBFOLDER.
+Subclasses set NAME, LATENT_LAYOUT, DENOISER_SUBFOLDER, TINY_DENOISER_CONFIG and SCHEDULER_CONFIG.
 """
 
 from __future__ import annotations
@@ -40,11 +43,19 @@ class Family(ABC):
     NAME: ClassVar[str]
     LATENT_LAYOUT: ClassVar[str]        # "CHW" (images) or "CFHW" (videos)
     DENOISER_SUBFOLDER: ClassVar[str]   # the diffusers folder's "unet" or "transformer"
+    TINY_DENOISER_CONFIG: ClassVar[dict]  # the family's denoiser at toy width (a diffusers config)
+    SCHEDULER_CONFIG: ClassVar[dict]      # the family's training scheduler (a diffusers scheduler config)
 
     @classmethod
     @abstractmethod
     def from_settings(cls, model, data, scheduler_config: dict) -> "Family":
         """The family for a run's model and data sections (dpo_ds.config) and its scheduler config."""
+
+    @classmethod
+    @abstractmethod
+    def tiny(cls, resolution: int, scheduler_config: dict | None = None) -> "Family":
+        """The family of a toy model: TINY_DENOISER_CONFIG's denoiser on images of side `resolution` (a VAE
+        scale factor of 8), trained with `scheduler_config` (default SCHEDULER_CONFIG)."""
 
     # ------------------------------------------------------------ the denoiser
 
@@ -57,6 +68,11 @@ class Family(ABC):
     @abstractmethod
     def load_denoiser(pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
         """The denoiser from a local diffusers folder, or freshly built from a config.json (fp32)."""
+
+    @staticmethod
+    @abstractmethod
+    def denoiser_from_config(config: dict) -> torch.nn.Module:
+        """A freshly initialised denoiser (fp32) from its config, drawn from torch's global generator."""
 
     @staticmethod
     @abstractmethod
