@@ -10,7 +10,8 @@ is built once per run from the run's model and data settings (dpo_ds.models.buil
   the denoiser     check_source, load_denoiser, set_attention, export
   the schema       sample_schema: every tensor a shard sample must carry, and its shape;
                    PROMPT_TENSORS: those the prompt alone decides (replaced by the empty prompt's
-                   when data.empty_prompt_prob drops a pair's prompt)
+                   when data.empty_prompt_prob drops a pair's prompt); image_conditioning: those
+                   each image's size and crop decide (SDXL's time ids; none for most families)
   the draw's law   draw_t: the pair's value t (DDPM: an integer timestep as a float; flow and EDM:
                    σ) from the pair's seeded generator; draw_law: that law as JSON, for fingerprints;
                    noise_level: t mapped to [0, 1] (0 clean, 1 pure noise), for diagnostics
@@ -36,6 +37,7 @@ from typing import ClassVar
 
 import torch
 
+from dpo_ds.encode import Geometry
 from dpo_ds.losses import per_sample_error
 
 
@@ -106,6 +108,12 @@ class Family(ABC):
     @abstractmethod
     def sample_schema(self, denoiser_config: dict) -> dict[str, tuple[int, ...] | None]:
         """Tensor names -> shapes that every shard sample must carry (None: any shape)."""
+
+    @staticmethod
+    def image_conditioning(geometry_w: Geometry, geometry_l: Geometry) -> dict[str, torch.Tensor]:
+        """The sample's tensors that the winner's and the loser's geometry decide, as a shard stores
+        them; none unless the family conditions on an image's size and crop."""
+        return {}
 
     # ------------------------------------------------------------ the draw and the forward process
 

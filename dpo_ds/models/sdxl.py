@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from dpo_ds.encode import Geometry
 from dpo_ds.models.unet2d import DDPMUNet2D
 
 TEXT_SEQ_LEN = 77
@@ -83,6 +84,14 @@ class SDXL(DDPMUNet2D):
             "time_ids_w": (6,),
             "time_ids_l": (6,),
         }
+
+    @staticmethod
+    def image_conditioning(geometry_w: Geometry, geometry_l: Geometry) -> dict[str, torch.Tensor]:
+        """time_ids_w, time_ids_l [6] float32: (original height, width, crop top, left, target height, width),
+        SDXL's micro-conditioning, the crop measured after the resize as SDXL was trained."""
+        return {f"time_ids_{side}": torch.tensor([g.original_height, g.original_width, g.crop_top, g.crop_left,
+                                                  g.height, g.width], dtype=torch.float32)
+                for side, g in (("w", geometry_w), ("l", geometry_l))}
 
     def unet_kwargs(self, batch: dict, dtype: torch.dtype) -> dict:
         # Winner and loser share the prompt; each image has its own size and crop (time_ids).
