@@ -48,14 +48,11 @@ def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resoluti
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(out_dir, max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
-            tensors = {name: torch.randn(shape, generator=g).to(torch.float16)
-                       for name, shape in schema.items() if not name.startswith("time_ids")}
+            tensors = {name: torch.randn(schema[name], generator=g).to(torch.float16)
+                       for name in ("latents_w", "latents_l")}
             tensors["latents_w"][0] += signal
             tensors["latents_l"][0] -= signal
-            for name in schema:
-                if name.startswith("time_ids"):  # SDXL's: original size, crop top-left, target size
-                    tensors[name] = torch.tensor([resolution, resolution, 0, 0, resolution, resolution],
-                                                 dtype=torch.float32)
+            tensors.update(spec.synthetic_conditioning(spec.TINY_DENOISER_CONFIG, resolution, g, torch.float16))
             meta = {"caption": f"synthetic pair {i}", "family": family, "latent_layout": spec.LATENT_LAYOUT,
                     "scaling_factor": 0.13025, "shift_factor": None, "label": 1.0,
                     "source": {"tool": "make_synthetic", "seed": seed, "index": i}}

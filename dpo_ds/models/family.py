@@ -22,10 +22,13 @@ is built once per run from the run's model and data settings (dpo_ds.models.buil
   the error        error: prediction vs target reduced to a per-sample error, the mean over
                    non-batch dimensions (times any loss weight the family defines)
   sampling         BASE_PARTS and pipeline: the diffusers pipeline that samples with a denoiser,
-                   from the other components of a base model folder (tools/sample.py)
+                   from the other components of a base model folder (tools/sample.py);
+                   sampling_kwargs: the conditioning arguments of a denoiser sampled directly
+                   (tools/toy_world.py)
   a toy model      TINY_DENOISER_CONFIG, SCHEDULER_CONFIG, denoiser_from_config and tiny: a small
                    denoiser of the family's layout built from config, for tests, demos and
-                   synthetic data (tools/make_synthetic.py); nothing is downloaded
+                   synthetic data (tools/make_synthetic.py); synthetic_conditioning: a random
+                   sample's conditioning; nothing is downloaded
 
 Subclasses set NAME, LATENT_LAYOUT, DENOISER_SUBFOLDER, TINY_DENOISER_CONFIG and SCHEDULER_CONFIG.
 """
@@ -101,6 +104,11 @@ class Family(ABC):
         """The family's diffusers pipeline: BASE_PARTS loaded from the folder `base`, with `denoiser` and
         `scheduler`, components in `dtype`, its progress bar off."""
 
+    @abstractmethod
+    def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
+        """The denoiser's conditioning arguments, in `dtype`, for n samples that are all conditioned as the
+        winner of `sample` (one shard sample's tensors, unbatched)."""
+
     # ------------------------------------------------------------ data
 
     PROMPT_TENSORS: ClassVar[tuple[str, ...]]  # the sample's tensors that depend on the prompt alone
@@ -114,6 +122,15 @@ class Family(ABC):
         """The sample's tensors that the winner's and the loser's geometry decide, as a shard stores
         them; none unless the family conditions on an image's size and crop."""
         return {}
+
+    def synthetic_conditioning(self, denoiser_config: dict, resolution: int, g: torch.Generator,
+                               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A synthetic sample's conditioning as a shard stores it: each of PROMPT_TENSORS drawn N(0, 1) from
+        `g` in `dtype`, then image_conditioning of an uncropped square image of side `resolution`."""
+        schema = self.sample_schema(denoiser_config)
+        prompt = {name: torch.randn(schema[name], generator=g).to(dtype) for name in self.PROMPT_TENSORS}
+        geometry = Geometry.uncropped(resolution, resolution)
+        return {**prompt, **self.image_conditioning(geometry, geometry)}
 
     # ------------------------------------------------------------ the draw and the forward process
 

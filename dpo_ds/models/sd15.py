@@ -76,5 +76,8 @@ class SD15(DDPMUNet2D):
             "prompt_embeds": (TEXT_SEQ_LEN, int(unet_config["cross_attention_dim"])),
         }
 
+    def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
+        return {"encoder_hidden_states": sample["prompt_embeds"].expand(n, -1, -1).to(dtype)}
+
     def unet_kwargs(self, batch: dict, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": batch["prompt_embeds"].repeat(2, 1, 1).to(dtype)}

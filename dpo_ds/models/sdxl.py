@@ -93,6 +93,11 @@ class SDXL(DDPMUNet2D):
                                                   g.height, g.width], dtype=torch.float32)
                 for side, g in (("w", geometry_w), ("l", geometry_l))}
 
+    def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
+        return {"encoder_hidden_states": sample["prompt_embeds"].expand(n, -1, -1).to(dtype),
+                "added_cond_kwargs": {"text_embeds": sample["pooled_prompt_embeds"].expand(n, -1).to(dtype),
+                                      "time_ids": sample["time_ids_w"].expand(n, -1).to(dtype)}}
+
     def unet_kwargs(self, batch: dict, dtype: torch.dtype) -> dict:
         # Winner and loser share the prompt; each image has its own size and crop (time_ids).
         return {
