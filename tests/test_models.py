@@ -125,6 +125,22 @@ def test_sdxl_uses_each_images_time_ids():
     assert torch.allclose(e_w2, e_l2, atol=1e-6)  # identical latents and conditioning
 
 
+def test_synthetic_samples_follow_the_schema_and_sample_as_training_conditions_a_winner(family_and_unet):
+    """synthetic_conditioning completes a sample's schema; sampling_kwargs conditions the denoiser as the
+    trainer conditions the pair's winner."""
+    family, unet = family_and_unet
+    schema = family.sample_schema(dict(unet.config))
+    g = torch.Generator().manual_seed(0)
+    sample = {name: torch.randn(schema[name], generator=g).half() for name in ("latents_w", "latents_l")}
+    sample.update(family.synthetic_conditioning(dict(unet.config), 64, g, torch.float16))
+    assert {name: tuple(t.shape) for name, t in sample.items()} == schema
+    x, t = torch.randn(2, *schema["latents_w"], generator=g), torch.tensor([10, 10])
+    with torch.no_grad():
+        pair = unet(x, t, **family.unet_kwargs({n: v[None].float() for n, v in sample.items()}, torch.float32)).sample
+        sampled = unet(x[:1], t[:1], **family.sampling_kwargs(sample, 1, torch.float32)).sample
+    assert torch.allclose(sampled[0], pair[0], atol=1e-5)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
 def test_xformers_asked_for_but_missing_is_a_clear_error(family_and_unet):
     family, unet = family_and_unet
