@@ -1,9 +1,10 @@
-"""Raw preference pairs -> what a shard sample holds: manifests, image and video preparation, encoders.
+"""Raw preference pairs -> what the families' encoders take: manifests, image and video preparation.
 
-Used by tools/encode_pairs.py. Legend: B = pairs in a batch, R = target resolution (pixels),
-C/h/w = latent channels and sides (R / vae_scale_factor), F = frames of a clip, F' = latent
-frames (1 + (F - 1) / 4 for Wan's causal VAE). Pixels travel as uint8 [3 x R x R] (images) or
-[3 x F x H x W] (videos) until the batch is encoded; the encoders take them in [-1, 1].
+Used by tools/encode_pairs.py and the families' encoders (dpo_ds/models/, dpo_ds.models.ENCODERS).
+Legend: B = pairs in a batch, R = target resolution (pixels), C/h/w = latent channels and sides
+(R / vae_scale_factor), F = frames of a clip, F' = latent frames (1 + (F - 1) / 4 for Wan's causal
+VAE). Pixels travel as uint8 [3 x R x R] (images) or [3 x F x H x W] (videos) until the batch is
+encoded; the encoders take them in [-1, 1].
 
 Manifest rows are dicts of column -> value; an image or video value is raw bytes, a path
 (relative to the manifest's folder or image_root), or a Hugging Face `{"bytes", "path"}` struct.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import html
 import io
 import json
 import math
@@ -144,17 +144,35 @@ class Manifest:
 
 # ---------------------------------------------------------------- one row -> one prepared pair
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image's pixels came from, in pixels: its original size, the top-left corner of the crop
+    (measured after the resize), and the size of the crop. A family may condition on it (SDXL does)."""
+
+    original_height: int
+    original_width: int
+    crop_top: int
+    crop_left: int
+    height: int
+    width: int
+
+    @classmethod
+    def uncropped(cls, height: int, width: int) -> "Geometry":
+        """An image that already had the target size: nothing resized, nothing cropped."""
+        return cls(height, width, 0, 0, height, width)
+
+
 @dataclass
 class PreparedPair:
-    """A row ready to encode: winner first. pixels uint8 [3 x R x R]; time_ids [6] float32."""
+    """A row ready to encode: winner first. pixels uint8 [3 x R x R], with each image's geometry."""
 
     key: str
     row: int
     caption: str
     pixels_w: torch.Tensor
     pixels_l: torch.Tensor
-    time_ids_w: torch.Tensor
-    time_ids_l: torch.Tensor
+    geometry_w: Geometry
+    geometry_l: Geometry
     source: dict
     has_mismatched_sizes: bool
 
@@ -193,12 +211,12 @@ def _open_image(data: bytes, column: str) -> Image.Image:
 
 
 def resize_and_crop(image: Image.Image, resolution: int | tuple[int, int],
-                    crop_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    crop_seed: int | None) -> tuple[torch.Tensor, Geometry]:
     """Scale to cover `resolution` (a side R, or (H, W)), then crop: center, or random from crop_seed.
 
-    Returns pixels uint8 [3 x H x W] and SDXL's micro-conditioning [6] = (original h, w,
-    crop top, crop left, target h, w), the crop measured after the resize as SDXL was trained.
-    The crop depends only on the image size and the seed, so every frame of a clip gets the same.
+    Returns pixels uint8 [3 x H x W] and the image's Geometry (original size, the crop's top-left
+    corner after the resize, target size). The crop depends only on the image size and the seed,
+    so every frame of a clip gets the same.
     """
     target_h, target_w = (resolution, resolution) if isinstance(resolution, int) else resolution
     width, height = image.size
@@ -213,8 +231,7 @@ def resize_and_crop(image: Image.Image, resolution: int | tuple[int, int],
         top, left = rng.randint(0, new_h - target_h), rng.randint(0, new_w - target_w)
     image = image.crop((left, top, left + target_w, top + target_h))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    time_ids = torch.tensor([height, width, top, left, target_h, target_w], dtype=torch.float32)
-    return pixels, time_ids
+    return pixels, Geometry(height, width, top, left, target_h, target_w)
 
 
 @dataclass(frozen=True)
@@ -287,14 +304,14 @@ def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> Pre
     winner = 0 if labels[0] > labels[1] else 1
     order = (winner, 1 - winner)
     crop_seeds = _crop_seeds(spec, key)
-    (pixels_w, time_ids_w), (pixels_l, time_ids_l) = (
+    (pixels_w, geometry_w), (pixels_l, geometry_l) = (
         resize_and_crop(images[i], spec.resolution, seed) for i, seed in zip(order, crop_seeds))
     source = {"manifest": os.path.basename(manifest_path), "row": index, "winner": spec.image_columns[winner],
               "labels": labels, "crop": "center" if spec.random_crop_seed is None else "random",
               "crop_seeds": crop_seeds, "original_sizes": [list(images[i].size[::-1]) for i in order]}
     if spec.key_column is not None:
         source["id"] = key
-    return PreparedPair(key, index, caption, pixels_w, pixels_l, time_ids_w, time_ids_l, source, has_mismatched_sizes)
+    return PreparedPair(key, index, caption, pixels_w, pixels_l, geometry_w, geometry_l, source, has_mismatched_sizes)
 
 
 # ---------------------------------------------------------------- one row of videos -> one prepared pair
@@ -415,20 +432,20 @@ def prepare_video_row(spec: RowSpec, clip: ClipSpec, index: int, manifest_path: 
                              has_mismatched_sizes, sum(source["num_padded_frames"]))
 
 
-# ---------------------------------------------------------------- encoders: pixels and captions to shard samples
+# ---------------------------------------------------------------- what the families' encoders share
+#
+# Each family's encoder (captions and pixels to its shard samples) lives beside the family, under
+# dpo_ds/models/, reached through dpo_ds.models.ENCODERS.
 
-SDXL_LAYOUT = "an SDXL-layout diffusers folder (vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
-WAN_LAYOUT = "a Wan-layout diffusers folder (vae/, text_encoder/, tokenizer/)"
-
-
-def _subfolder(root: str, name: str, layout: str = SDXL_LAYOUT) -> str:
+def subfolder(root: str, name: str, layout: str) -> str:
+    """root/name, which must be a folder; the error names the `layout` --model should have."""
     path = os.path.join(root, name)
     if not os.path.isdir(path):
         raise ValueError(f"model folder {root} has no {name}/; point --model at {layout}")
     return path
 
 
-class _ImageVAE:
+class ImageVAE:
     """An AutoencoderKL from a local folder, frozen: the image families' pixels-to-latents half."""
 
     def __init__(self, vae_path: str, device: torch.device, dtype: torch.dtype):
@@ -459,163 +476,3 @@ class _ImageVAE:
         return {"caption": pair.caption, "family": family, "latent_layout": "CHW",
                 "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, "label": 1.0,
                 "source": {"tool": "encode_pairs", "resolution": resolution, **pair.source}}
-
-
-class SDXLEncoder(_ImageVAE):
-    """The SDXL VAE and two CLIP text encoders from a local diffusers folder, frozen, in eval mode."""
-
-    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype):
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        super().__init__(vae_path or _subfolder(model_path, "vae"), device, dtype)
-        self.tokenizers = [CLIPTokenizer.from_pretrained(_subfolder(model_path, n))
-                           for n in ("tokenizer", "tokenizer_2")]
-        self.text_encoders = [
-            cls.from_pretrained(_subfolder(model_path, n), torch_dtype=dtype).to(device).eval().requires_grad_(False)
-            for cls, n in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))]
-
-    @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """captions [B] -> prompt_embeds [B x 77 x (D1 + D2)] (penultimate states), pooled [B x P], float32."""
-        states = []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2].float())
-        return torch.cat(states, dim=-1), out.text_embeds.float()  # pooled: text_encoder_2's projection
-
-    def empty_prompt(self) -> dict[str, torch.Tensor]:
-        """The conditioning of the prompt "" (data.empty_prompt_prob trains on it)."""
-        prompt_embeds, pooled = self.encode_prompts([""])
-        return {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
-
-    def samples(self, batch: list[PreparedPair], store_dtype: torch.dtype, resolution: int):
-        """(tensors, meta) of each pair of the batch, as the sdxl family's shards hold them."""
-        latents_w, latents_l = self.encode_images(torch.stack([p.pixels_w for p in batch] +
-                                                              [p.pixels_l for p in batch])).chunk(2)
-        prompt_embeds, pooled = self.encode_prompts([p.caption for p in batch])
-        for i, pair in enumerate(batch):
-            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
-                       "prompt_embeds": prompt_embeds[i].to(store_dtype),
-                       "pooled_prompt_embeds": pooled[i].to(store_dtype),
-                       "time_ids_w": pair.time_ids_w, "time_ids_l": pair.time_ids_l}
-            yield tensors, self._meta("sdxl", pair, resolution)
-
-
-class SD15Encoder(_ImageVAE):
-    """SD 1.5 / 2.x: the VAE and one CLIP text encoder from a local diffusers folder, frozen, in eval mode."""
-
-    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype):
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        layout = "an SD 1.5-layout diffusers folder (vae/, text_encoder/, tokenizer/)"
-        super().__init__(vae_path or _subfolder(model_path, "vae", layout), device, dtype)
-        self.tokenizer = CLIPTokenizer.from_pretrained(_subfolder(model_path, "tokenizer", layout))
-        self.text_encoder = CLIPTextModel.from_pretrained(_subfolder(model_path, "text_encoder", layout),
-                                                          torch_dtype=dtype).to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        """captions [B] -> prompt_embeds [B x 77 x D], the text encoder's last hidden states (as
-        StableDiffusionPipeline conditions the UNet), float32."""
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids).last_hidden_state.float()
-
-    def empty_prompt(self) -> dict[str, torch.Tensor]:
-        """The conditioning of the prompt "" (data.empty_prompt_prob trains on it)."""
-        return {"prompt_embeds": self.encode_prompts([""])[0]}
-
-    def samples(self, batch: list[PreparedPair], store_dtype: torch.dtype, resolution: int):
-        """(tensors, meta) of each pair of the batch, as the sd15 family's shards hold them."""
-        latents_w, latents_l = self.encode_images(torch.stack([p.pixels_w for p in batch] +
-                                                              [p.pixels_l for p in batch])).chunk(2)
-        prompt_embeds = self.encode_prompts([p.caption for p in batch])
-        for i, pair in enumerate(batch):
-            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
-                       "prompt_embeds": prompt_embeds[i].to(store_dtype)}
-            yield tensors, self._meta("sd15", pair, resolution)
-
-
-class WanEncoder:
-    """Wan's causal 3D VAE (AutoencoderKLWan) and UMT5 text encoder from a local diffusers folder, frozen.
-
-    Latents are normalised per channel as WanPipeline un-normalises them before decoding:
-    stored = (z - latents_mean) / latents_std, both from the VAE's config.
-    """
-
-    def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype,
-                 max_sequence_length: int):
-        from diffusers import AutoencoderKLWan
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        vae_path = vae_path or os.path.join(model_path, "vae")
-        config_path = os.path.join(vae_path, "config.json")
-        if not os.path.isfile(config_path):
-            raise ValueError(f"{vae_path} has no config.json; point --model at {WAN_LAYOUT} "
-                             "or --vae at an AutoencoderKLWan folder")
-        with open(config_path) as f:
-            vae_class = json.load(f).get("_class_name")
-        if vae_class != "AutoencoderKLWan":
-            raise ValueError(f"{config_path} is a {vae_class}; --family wan needs an AutoencoderKLWan")
-        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
-        self.vae = AutoencoderKLWan.from_pretrained(vae_path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
-        config = self.vae.config
-        self.latents_mean = [float(x) for x in config.latents_mean]
-        self.latents_std = [float(x) for x in config.latents_std]
-        self.spatial_scale_factor = int(config.scale_factor_spatial)
-        self.temporal_scale_factor = int(config.scale_factor_temporal)
-        self.tokenizer = AutoTokenizer.from_pretrained(_subfolder(model_path, "tokenizer", WAN_LAYOUT))
-        text_encoder_path = _subfolder(model_path, "text_encoder", WAN_LAYOUT)
-        self.text_encoder = UMT5EncoderModel.from_pretrained(text_encoder_path, torch_dtype=dtype)
-        self.text_encoder.to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def encode_videos(self, pixels_N3FHW: torch.Tensor) -> torch.Tensor:
-        """uint8 [N x 3 x F x H x W] -> normalised latents [N x C x (1 + (F-1)/4) x H/8 x W/8], float32.
-
-        One clip per VAE call: a clip is already a large batch of frames, and the causal VAE
-        keeps a feature cache per call. The posterior mean, not a sample.
-        """
-        mean = torch.tensor(self.latents_mean).view(-1, 1, 1, 1)
-        std = torch.tensor(self.latents_std).view(-1, 1, 1, 1)
-        latents = []
-        for clip in pixels_N3FHW:
-            x = clip[None].to(self.device, torch.float32).div(127.5).sub(1.0).to(self.dtype)
-            z = self.vae.encode(x).latent_dist.mode()[0].float().cpu()
-            latents.append((z - mean) / std)
-        return torch.stack(latents)
-
-    @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        """captions [B] -> prompt_embeds [B x L x D], float32, L = max_sequence_length.
-
-        As WanPipeline: cleaned text, UMT5's last hidden states, zeros past each prompt's tokens.
-        (The pipeline also runs ftfy when it is installed; this does not.)
-        """
-        captions = [re.sub(r"\s+", " ", html.unescape(html.unescape(c)).strip()).strip() for c in captions]
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_sequence_length,
-                                truncation=True, add_special_tokens=True, return_attention_mask=True,
-                                return_tensors="pt")
-        mask = tokens.attention_mask.to(self.device)
-        states = self.text_encoder(tokens.input_ids.to(self.device), mask).last_hidden_state.float()
-        return states * mask[..., None].gt(0)
-
-    def empty_prompt(self) -> dict[str, torch.Tensor]:
-        """The conditioning of the prompt "" (data.empty_prompt_prob trains on it)."""
-        return {"prompt_embeds": self.encode_prompts([""])[0]}
-
-    def samples(self, batch: list[PreparedVideoPair], store_dtype: torch.dtype, source: dict):
-        """(tensors, meta) of each pair of the batch, as the wan family's shards hold them."""
-        latents_w, latents_l = self.encode_videos(torch.stack([p.pixels_w for p in batch] +
-                                                              [p.pixels_l for p in batch])).chunk(2)
-        prompt_embeds = self.encode_prompts([p.caption for p in batch])
-        for i, pair in enumerate(batch):
-            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
-                       "prompt_embeds": prompt_embeds[i].to(store_dtype)}
-            # The normalisation is per channel, so scaling_factor is 1 and mean/std travel beside it.
-            meta = {"caption": pair.caption, "family": "wan", "latent_layout": "CFHW", "scaling_factor": 1.0,
-                    "shift_factor": None, "latents_mean": self.latents_mean, "latents_std": self.latents_std,
-                    "label": 1.0, "source": {"tool": "encode_pairs", **source, **pair.source}}
-            yield tensors, meta

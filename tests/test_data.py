@@ -13,41 +13,27 @@ import safetensors.torch
 import torch
 
 from conftest import write_raw_tar
+from samples import FAMILY, SCHEMA, make_sample
 from dpo_ds import data, noise
+from dpo_ds.models import ddpm
 
-SCHEMA = {"prompt_embeds": (77, 32), "pooled_prompt_embeds": (32,), "time_ids_w": (6,), "time_ids_l": (6,)}
 # The law of t of a DDPM family over 1000 timesteps (dpo_ds.models.unet2d), and one over [100, 900).
-LAW = functools.partial(noise.uniform_timestep, lo=0, hi=1000)
-NARROW_LAW = functools.partial(noise.uniform_timestep, lo=100, hi=900)
-
-
-def make_pair(index: int) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(index)
-    meta = {"caption": f"caption {index}", "family": "sdxl", "latent_layout": "CHW", "scaling_factor": 0.13025,
-            "shift_factor": None, "label": 1.0, "source": {"row": index}}
-    tensors = {
-        "latents_w": torch.randn(4, 8, 8, generator=g).half(),
-        "latents_l": torch.randn(4, 8, 8, generator=g).half(),
-        "prompt_embeds": torch.randn(77, 32, generator=g),
-        "pooled_prompt_embeds": torch.randn(32, generator=g),
-        "time_ids_w": torch.tensor([64.0, 64, 0, 0, 64, 64]),
-        "time_ids_l": torch.tensor([64.0, 64, 0, 0, 64, 64]),
-    }
-    return f"pair{index:04d}", meta, tensors
+LAW = functools.partial(ddpm.uniform_timestep, lo=0, hi=1000)
+NARROW_LAW = functools.partial(ddpm.uniform_timestep, lo=100, hi=900)
 
 
 def write_pairs(out_dir, indices, max_pairs, prefix="shard") -> dict[str, tuple[dict, dict]]:
     pairs = {}
     with data.ShardWriter(str(out_dir), prefix=prefix, max_pairs=max_pairs) as writer:
         for i in indices:
-            key, meta, tensors = make_pair(i)
+            key, meta, tensors = make_sample(i)
             writer.write(key, meta, tensors)
             pairs[key] = (meta, tensors)
     return pairs
 
 
 def raw_members(index: int, **overrides) -> tuple[str, dict[str, bytes]]:
-    key, meta, tensors = make_pair(index)
+    key, meta, tensors = make_sample(index)
     tensors.update(overrides)
     return key, {"json": json.dumps(meta).encode(), "safetensors": safetensors.torch.save(tensors)}
 
@@ -157,7 +143,7 @@ def test_a_key_repeated_inside_a_shard_is_a_bad_pair(tmp_path, caplog, order):
     keys = all_keys(batches)
     assert sorted(set(keys)) == ["pair0000", "pair0001", "pair0002", "pair0003"]
     row = [(b, i) for b in batches for i, k in enumerate(b["keys"]) if k == "pair0002"][0]
-    assert torch.equal(row[0]["latents_w"][row[1]], make_pair(2)[2]["latents_w"].float())  # the first
+    assert torch.equal(row[0]["latents_w"][row[1]], make_sample(2)[2]["latents_w"].float())  # the first
     assert "bad pair pair0002 in shard" in caplog.text and "dup.tar" in caplog.text and "repeats" in caplog.text
 
 
@@ -347,7 +333,7 @@ def test_list_shards_specs_and_errors(tmp_path):
     ("has/slash", {}, "'/'"),
 ])
 def test_writer_rejects_bad_pairs(tmp_path, key, override, reason):
-    _, meta, tensors = make_pair(0)
+    _, meta, tensors = make_sample(0)
     with data.ShardWriter(str(tmp_path)) as writer:
         with pytest.raises(ValueError, match=reason) as error:
             writer.write(key, meta, {**tensors, **override})
@@ -361,10 +347,10 @@ def test_empty_prompt_dropout_replaces_the_prompt_tensors_of_dropped_pairs(tmp_p
     prompt's; everything else, its t and noise included, is what it would be without dropout."""
     pairs = write_pairs(tmp_path, range(40), max_pairs=20)
     shards = data.list_shards(str(tmp_path))
-    names = ("prompt_embeds", "pooled_prompt_embeds")
+    names = FAMILY.PROMPT_TENSORS
     with pytest.raises(ValueError, match="empty_prompt.safetensors"):
         data.prompt_dropout(0.5, shards, names, SCHEMA)
-    empty = {"prompt_embeds": torch.full((77, 32), 0.5).half(), "pooled_prompt_embeds": torch.zeros(32).half()}
+    empty = {name: torch.full(SCHEMA[name], 0.5).half() for name in names}
     safetensors.torch.save_file(empty, str(tmp_path / data.EMPTY_PROMPT_NAME))
     dropout = data.prompt_dropout(0.5, shards, names, SCHEMA)
     assert data.prompt_dropout(0.0, shards, names, SCHEMA) is None
@@ -376,9 +362,9 @@ def test_empty_prompt_dropout_replaces_the_prompt_tensors_of_dropped_pairs(tmp_p
         for name in names:
             expected = empty[name].float() if d else plain[name][i]
             assert torch.equal(dropped[name][i], expected), (i, name)
-    for name in ("t", "noise", "latents_w", "latents_l", "time_ids_w", "time_ids_l"):
+    for name in ("t", "noise", *(n for n in SCHEMA if n not in names)):
         assert torch.equal(dropped[name], plain[name]), name
     assert set(plain["keys"]) == set(pairs)
     safetensors.torch.save_file({"prompt_embeds": torch.zeros(77, 16)}, str(tmp_path / data.EMPTY_PROMPT_NAME))
-    with pytest.raises(ValueError, match="prompt_embeds is \\(77, 16\\); the model's schema says \\(77, 32\\)"):
+    with pytest.raises(ValueError, match="prompt_embeds is \\(77, 16\\); the model's schema says \\(77, 64\\)"):
         data.prompt_dropout(0.5, shards, names, SCHEMA)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import deepspeed_train, read_scalars, write_run_config
+from samples import FAMILY, make_sample
 
 pytestmark = pytest.mark.slow
 
@@ -92,8 +93,7 @@ def test_export_loads_and_equals_trained_weights(straight):
     reference.load_state_dict(trained)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
-    cond = dict(encoder_hidden_states=torch.randn(2, 77, 64, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.rand(2, 6)})
+    cond = FAMILY.sampling_kwargs(make_sample(0)[2], 2, torch.float32)
     with torch.no_grad():
         assert torch.equal(unet(x, t, **cond).sample, reference(x, t, **cond).sample)
 

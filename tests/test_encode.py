@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import REPO, deepspeed_train, env, read_scalars, write_run_config
 from dpo_ds import data
-from dpo_ds.encode import BadRow, RowSpec, key_fraction, prepare_row, resize_and_crop
+from dpo_ds.encode import BadRow, Geometry, RowSpec, key_fraction, prepare_row, resize_and_crop
 from tiny_sdxl import RESOLUTION, build_tiny_sdxl
 
 TOOL = REPO / "tools" / "encode_pairs.py"
@@ -259,15 +259,15 @@ def test_jsonl_paths_random_crop_drop_mismatched_and_val_split(world, tmp_path):
 
 def test_random_crop_is_seeded_and_recorded():
     image = make_image(0, (100, 64))
-    a, ids_a = resize_and_crop(image, 64, crop_seed=7)
-    b, ids_b = resize_and_crop(image, 64, crop_seed=7)
-    assert torch.equal(a, b) and torch.equal(ids_a, ids_b)
-    top, left = int(ids_a[2]), int(ids_a[3])
+    a, geometry_a = resize_and_crop(image, 64, crop_seed=7)
+    b, geometry_b = resize_and_crop(image, 64, crop_seed=7)
+    assert torch.equal(a, b) and geometry_a == geometry_b
+    top, left = geometry_a.crop_top, geometry_a.crop_left
     assert top == 0 and 0 <= left <= 36
     expected = torch.from_numpy(np.array(image.crop((left, 0, left + 64, 64)))).permute(2, 0, 1)
     assert torch.equal(a, expected)
-    centered, ids_c = resize_and_crop(make_image(1, (200, 100)), 64, crop_seed=None)  # 128 x 64 after the resize
-    assert ids_c.tolist() == [100, 200, 0, 32, 64, 64]
+    centered, geometry_c = resize_and_crop(make_image(1, (200, 100)), 64, crop_seed=None)  # 128 x 64 after the resize
+    assert geometry_c == Geometry(100, 200, 0, 32, 64, 64)
 
 
 def test_missing_column_in_the_whole_file_is_a_clear_error(world, tmp_path):
@@ -300,7 +300,7 @@ def test_rows_take_hugging_face_image_structs_and_report_bad_labels(tmp_path):
            "label_0": 0.0, "label_1": 1.0, "id": "abc-1"}
     pair = prepare_row(spec, 7, str(tmp_path / "m.parquet"), row)
     assert pair.key == "abc-1" and pair.source["winner"] == "image_1" and pair.has_mismatched_sizes
-    assert pair.pixels_w.shape == (3, 32, 32) and pair.time_ids_l.tolist() == [48, 72, 0, 8, 32, 32]
+    assert pair.pixels_w.shape == (3, 32, 32) and pair.geometry_l == Geometry(48, 72, 0, 8, 32, 32)
     for change, reason in (({"label_1": "x"}, "bad label"), ({"id": "a/b"}, "bad key"),
                            ({"caption": None}, "missing caption")):
         with pytest.raises(BadRow) as e:
@@ -320,8 +320,8 @@ def test_sd15_family_encodes_one_text_encoders_last_states(world, tmp_path):
     common = [a if a != str(world["model"]) else str(model) for a in world["common"]]
     summary = ok(encode(*common, "--family", "sd15", "--out", str(tmp_path / "shards")))
     assert summary["pairs_written"] == len(GOOD_ROWS)
-    family = sd15.SD15(sd15.SD15_SCHEDULER_CONFIG, None, RESOLUTION, 8)
-    schema = family.sample_schema(sd15.TINY_UNET_CONFIG)
+    family = sd15.SD15.tiny(RESOLUTION)
+    schema = family.sample_schema(sd15.SD15.TINY_DENOISER_CONFIG)
     pairs = {k: data.decode_sample(k, m, schema) for shard in data.list_shards(str(tmp_path / "shards"))
              for k, m in data.tar_samples(shard.url)}
     assert len(pairs) == len(GOOD_ROWS)

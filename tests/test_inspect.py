@@ -12,22 +12,14 @@ import safetensors.torch
 import torch
 
 from conftest import REPO, env, write_raw_tar
+from samples import SCHEMA, make_sample
 from dpo_ds import data
 
 TOOL = REPO / "tools" / "inspect_shards.py"
 
 
-def pair(index: int, latent_shape=(4, 8, 8)) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(index)
-    meta = {"caption": "x" * (10 + index), "family": "sdxl", "latent_layout": "CHW", "scaling_factor": 0.13025,
-            "shift_factor": None, "label": 1.0, "source": {"row": index}}
-    tensors = {"latents_w": (torch.randn(latent_shape, generator=g) + 1.0).half(),
-               "latents_l": (torch.randn(latent_shape, generator=g) - 1.0).half(),
-               "prompt_embeds": torch.randn(77, 32, generator=g).half(),
-               "pooled_prompt_embeds": torch.randn(32, generator=g).half(),
-               "time_ids_w": torch.tensor([64.0, 64, 0, 0, 64, 64]),
-               "time_ids_l": torch.tensor([64.0, 64, 0, 0, 64, 64])}
-    return f"pair{index:04d}", meta, tensors
+def pair(index: int, latent_shape=None) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    return make_sample(index, shift=1.0, latent_shape=latent_shape, caption="x" * (10 + index))
 
 
 def write_good(folder: Path, indices: range, prefix: str = "shard") -> dict:
@@ -56,8 +48,9 @@ def test_good_shards_pass_with_their_statistics(tmp_path):
     code, s = run(str(tmp_path))
     assert code == 0 and s["is_valid"] and s["problems"] == []
     assert s["num_shards"] == 3 and s["num_pairs"] == 10 and s["num_bad_pairs"] == 0
-    assert s["shapes"]["latents_w"] == [4, 8, 8] and s["shapes"]["prompt_embeds"] == [77, 32]
-    assert s["dtypes"]["latents_w"] == ["float16"] and s["dtypes"]["time_ids_w"] == ["float32"]
+    example = pair(0)[2]
+    assert s["shapes"] == {name: list(shape) for name, shape in SCHEMA.items()}
+    assert s["dtypes"] == {name: [str(t.dtype).replace("torch.", "")] for name, t in example.items()}
     assert s["families"] == {"sdxl": 10} and s["caption_chars"] == {"min": 10, "mean": 14.5, "max": 19}
     latents = torch.stack([torch.stack([t["latents_w"], t["latents_l"]]) for t in pairs.values()]).double()
     per_channel = latents.transpose(0, 2).flatten(1)  # [C x everything else]

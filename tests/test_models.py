@@ -11,21 +11,19 @@ from dpo_ds import models, noise
 from dpo_ds.models import sd15, sdxl
 from dpo_ds.models.family import Family
 
-FAMILIES = {"sdxl": (sdxl.SDXL, sdxl.TINY_UNET_CONFIG, sdxl.SDXL_SCHEDULER_CONFIG),
-            "sd15": (sd15.SD15, sd15.TINY_UNET_CONFIG, sd15.SD15_SCHEDULER_CONFIG)}
+FAMILIES = {"sdxl": sdxl.SDXL, "sd15": sd15.SD15}
 
 
 def _family(name: str, prediction_type=None, timestep_range=None) -> Family:
-    cls, _, scheduler = FAMILIES[name]
-    return cls(scheduler, prediction_type, 64, 8, timestep_range)
+    cls = FAMILIES[name]
+    return cls(cls.SCHEDULER_CONFIG, prediction_type, 64, 8, timestep_range)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_and_unet(request):
-    from diffusers import UNet2DConditionModel
-
+    cls = FAMILIES[request.param]
     torch.manual_seed(0)
-    return _family(request.param), UNet2DConditionModel.from_config(FAMILIES[request.param][1]).eval()
+    return _family(request.param), cls.denoiser_from_config(cls.TINY_DENOISER_CONFIG).eval()
 
 
 def _batch(schema, b=3):
@@ -43,15 +41,15 @@ def test_every_family_is_registered_under_its_name():
 
 
 def test_schemas_follow_the_unet_config():
-    schema = _family("sdxl").sample_schema(sdxl.TINY_UNET_CONFIG)
+    schema = _family("sdxl").sample_schema(sdxl.SDXL.TINY_DENOISER_CONFIG)
     assert schema["latents_w"] == (4, 8, 8) and schema["prompt_embeds"] == (77, 64)
     assert schema["pooled_prompt_embeds"] == (32,) and schema["time_ids_l"] == (6,)
-    assert _family("sd15").sample_schema(sd15.TINY_UNET_CONFIG) == {
+    assert _family("sd15").sample_schema(sd15.SD15.TINY_DENOISER_CONFIG) == {
         "latents_w": (4, 8, 8), "latents_l": (4, 8, 8), "prompt_embeds": (77, 32)}
     with pytest.raises(ValueError, match="multiple"):
-        sdxl.SDXL(sdxl.SDXL_SCHEDULER_CONFIG, None, 60, 8)
+        sdxl.SDXL(sdxl.SDXL.SCHEDULER_CONFIG, None, 60, 8)
     with pytest.raises(ValueError, match="use model.family=sdxl"):
-        _family("sd15").sample_schema(sdxl.TINY_UNET_CONFIG)
+        _family("sd15").sample_schema(sdxl.SDXL.TINY_DENOISER_CONFIG)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -115,7 +113,7 @@ def test_sdxl_uses_each_images_time_ids():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    family, unet = _family("sdxl"), UNet2DConditionModel.from_config(sdxl.TINY_UNET_CONFIG).eval()
+    family, unet = _family("sdxl"), UNet2DConditionModel.from_config(sdxl.SDXL.TINY_DENOISER_CONFIG).eval()
     batch = _batch(family.sample_schema(dict(unet.config)))
     batch["latents_l"] = batch["latents_w"].clone()
     x_t, target, t = family.noisy_pair(batch)
@@ -125,6 +123,22 @@ def test_sdxl_uses_each_images_time_ids():
         batch["time_ids_l"] = batch["time_ids_w"].clone()
         e_w2, e_l2 = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
     assert torch.allclose(e_w2, e_l2, atol=1e-6)  # identical latents and conditioning
+
+
+def test_synthetic_samples_follow_the_schema_and_sample_as_training_conditions_a_winner(family_and_unet):
+    """synthetic_conditioning completes a sample's schema; sampling_kwargs conditions the denoiser as the
+    trainer conditions the pair's winner."""
+    family, unet = family_and_unet
+    schema = family.sample_schema(dict(unet.config))
+    g = torch.Generator().manual_seed(0)
+    sample = {name: torch.randn(schema[name], generator=g).half() for name in ("latents_w", "latents_l")}
+    sample.update(family.synthetic_conditioning(dict(unet.config), 64, g, torch.float16))
+    assert {name: tuple(t.shape) for name, t in sample.items()} == schema
+    x, t = torch.randn(2, *schema["latents_w"], generator=g), torch.tensor([10, 10])
+    with torch.no_grad():
+        pair = unet(x, t, **family.unet_kwargs({n: v[None].float() for n, v in sample.items()}, torch.float32)).sample
+        sampled = unet(x[:1], t[:1], **family.sampling_kwargs(sample, 1, torch.float32)).sample
+    assert torch.allclose(sampled[0], pair[0], atol=1e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")

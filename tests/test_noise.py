@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from dpo_ds.noise import DDPMProcess, draw, uniform_timestep
+from dpo_ds.models.ddpm import DDPMProcess, uniform_timestep
+from dpo_ds.noise import draw
 
 SDXL = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "prediction_type": "epsilon"}
@@ -82,7 +83,7 @@ def test_draws_differ_by_seed_key_and_index():
 
 
 def test_draw_identical_across_processes():
-    code = ("import functools; from dpo_ds.noise import draw, uniform_timestep; "
+    code = ("import functools; from dpo_ds.noise import draw; from dpo_ds.models.ddpm import uniform_timestep; "
             "t, n = draw(3, 'k', 2, (4, 4), functools.partial(uniform_timestep, lo=0, hi=1000)); "
             "print(t, n.sum().item().hex(), n[0, 0].item().hex())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -15,6 +15,7 @@ import torch
 
 from conftest import BIN, REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
 from dpo_ds import noise
+from dpo_ds.models import ddpm
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def small(tmp_path_factory) -> Path:
 
 NUM_DRAWS = 2
 NUM_PAIRS = 8
-LAW = functools.partial(noise.uniform_timestep, lo=0, hi=1000)  # the tiny SDXL family's law of t
+LAW = functools.partial(ddpm.uniform_timestep, lo=0, hi=1000)  # the tiny SDXL family's law of t
 # 8 pairs / (2 ranks x 2 pairs) = 2 micro-batches per epoch: steps 3-4 train at draw index 1.
 MAX_STEPS = 4
 

@@ -1,7 +1,7 @@
 """Tiny models built from config for tests of the tools, nothing downloaded.
 
 build_tiny_sdxl / build_tiny_sd15: an SDXL- / SD 1.5-layout model folder (vae/, text_encoder(_2)/, tokenizer(_2)/, unet/, scheduler/)
-whose UNet is tools/make_synthetic.py's (sdxl.TINY_UNET_CONFIG, seed 0), the same weights the `tiny`
+whose UNet is tools/make_synthetic.py's (SDXL.TINY_DENOISER_CONFIG, seed 0), the same weights the `tiny`
 fixture trains from. build_tiny_clip: a CLIPModel folder with its tokenizer and image processor, the
 layout of PickScore-style preference models.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RESOLUTION = 64  # latents 8 x 8 with the 4-level tiny VAE, as sdxl.TINY_UNET_CONFIG expects
+RESOLUTION = 64  # latents 8 x 8 with the 4-level tiny VAE, as SDXL.TINY_DENOISER_CONFIG expects
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!,."
 
 
@@ -65,7 +65,7 @@ def build_tiny_sdxl(root: Path) -> Path:
 
 def build_tiny_sd15(root: Path) -> Path:
     """vae/, text_encoder/, tokenizer/, unet/, scheduler/: SD 1.5's layout at toy sizes; the UNet is
-    tools/make_synthetic.py's for --family sd15 (sd15.TINY_UNET_CONFIG, seed 0), its text width 32."""
+    tools/make_synthetic.py's for --family sd15 (SD15.TINY_DENOISER_CONFIG, seed 0), its text width 32."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -10,13 +10,11 @@ paths, label_0/label_1 with ties as 0.5; for videos video_0/video_1). Writes (do
   OUT/empty_prompt.safetensors            (and in VAL_OUT) the family's conditioning of the prompt "" in
                                           --store-dtype, for data.empty_prompt_prob
 
-One sample per pair, winner first (family "sdxl", latent_layout "CHW"):
+One sample per pair, winner first (--family sdxl or sd15, latent_layout "CHW"):
   KEY.json         {caption, family, latent_layout, scaling_factor, shift_factor, label: 1.0,
                     source: {manifest, row, winner, labels, crop, crop_seeds, original_sizes[, id]}}
-  KEY.safetensors  latents_w, latents_l [4, R/8, R/8], prompt_embeds [77, 2048],
-                   pooled_prompt_embeds [1280] in --store-dtype; time_ids_w, time_ids_l [6] float32
-With --family sd15: family "sd15", KEY.safetensors latents_w, latents_l, prompt_embeds [77, 768] (SD 2.x:
-  1024; the text encoder's last hidden states)
+  KEY.safetensors  latents_w, latents_l [4, R/8, R/8] and the family's conditioning (its sample schema,
+                   docs/design.md §9) in --store-dtype; what an image's size and crop decide in float32
 With --family wan, one sample per pair of videos (latent_layout "CFHW"):
   KEY.json         {caption, family: "wan", latent_layout: "CFHW", scaling_factor: 1.0, shift_factor: null,
                     latents_mean, latents_std (per channel), label: 1.0,
@@ -55,8 +53,9 @@ import torch
 
 from dpo_ds import launchenv
 from dpo_ds.data import EMPTY_PROMPT_NAME, INDEX_FORMAT, INDEX_FORMATS, INDEX_NAME, ShardWriter
-from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, SD15Encoder,
-                           SDXLEncoder, WanEncoder, key_fraction, prepare_row, prepare_video_row)
+from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, key_fraction,
+                           prepare_row, prepare_video_row)
+from dpo_ds.models import encoder_class
 
 log = logging.getLogger("encode_pairs")
 
@@ -106,7 +105,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="random: one crop per image, seeded from --seed and the key, recorded in the json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mismatched-sizes", choices=["keep", "drop"], default="keep",
-                   help="pairs whose two images differ in size: keep (each gets its own time_ids) or drop")
+                   help="pairs whose two images differ in size: keep (each keeps its own size and crop) or drop")
     p.add_argument("--pairs-per-shard", type=int, default=1000, help="manifest rows per chunk (and shard)")
     p.add_argument("--max-shard-bytes", type=int, default=None, help="also roll a shard over at this size")
     p.add_argument("--prefix", default="pairs", help="shard file name prefix")
@@ -168,10 +167,11 @@ class ChunkStats:
 
 
 class Encoder:
-    """Encodes this rank's chunks; owns the models, the row reader threads and the counts."""
+    """Encodes this rank's chunks with the family's encoder (dpo_ds.models.ENCODERS); owns the row reader
+    threads and the counts."""
 
     def __init__(self, args: argparse.Namespace, manifest: Manifest, spec: RowSpec, clip: ClipSpec | None,
-                 settings: dict, encoder: SDXLEncoder | SD15Encoder | WanEncoder, store_dtype: torch.dtype):
+                 settings: dict, encoder, store_dtype: torch.dtype):
         self.args, self.manifest, self.spec, self.clip, self.settings = args, manifest, spec, clip, settings
         self.encoder, self.store_dtype = encoder, store_dtype
         self.num_logged: collections.Counter = collections.Counter()
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if pending:
             device, dtype = _device_and_dtype(args, local_rank)
             if args.is_video:
-                encoder = WanEncoder(args.model, args.vae, device, dtype, args.max_sequence_length)
+                encoder = encoder_class(args.family)(args.model, args.vae, device, dtype, args.max_sequence_length)
                 spatial, temporal = encoder.spatial_scale_factor, encoder.temporal_scale_factor
                 if args.height % spatial or args.width % spatial:
                     raise ValueError(f"--height {args.height} and --width {args.width} must be multiples of the "
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"--num-frames {args.num_frames} must be 1 + a multiple of the VAE's temporal "
                                      f"scale factor {temporal}, e.g. {nearest}")
             else:
-                encoder = (SD15Encoder if args.family == "sd15" else SDXLEncoder)(args.model, args.vae, device, dtype)
+                encoder = encoder_class(args.family)(args.model, args.vae, device, dtype)
                 if args.resolution % encoder.vae_scale_factor:
                     raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE's scale factor "
                                      f"{encoder.vae_scale_factor}")

@@ -3,7 +3,7 @@
 Writes (docs/design.md §4 format):
   OUT/shards/shard-NNNNNN.tar, OUT/shards/index.json   random latent pairs + the family's conditioning
   OUT/shards/empty_prompt.safetensors                  random stand-ins for the conditioning of the prompt ""
-  OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   the family's tiny UNet2DConditionModel
+  OUT/model/unet/{config.json, diffusion_pytorch_model.safetensors}   the family's tiny denoiser
   OUT/model/scheduler/scheduler_config.json                          the family's training scheduler
 
 Deterministic: the same arguments give byte-identical shards and weights.
@@ -20,48 +20,39 @@ import safetensors.torch
 import torch
 
 from dpo_ds.data import EMPTY_PROMPT_NAME, ShardWriter
-from dpo_ds.models import FAMILIES, sd15, sdxl
-
-# family -> (its tiny UNet config, its training scheduler)
-TINY = {"sdxl": (sdxl.TINY_UNET_CONFIG, sdxl.SDXL_SCHEDULER_CONFIG),
-        "sd15": (sd15.TINY_UNET_CONFIG, sd15.SD15_SCHEDULER_CONFIG)}
+from dpo_ds.models import FAMILIES, family_class
 
 
-def write_model(out_dir: str, seed: int, unet_config: dict | None = None, family: str = "sdxl") -> str:
-    """Save a freshly initialised tiny UNet and the scheduler config as a diffusers folder."""
-    from diffusers import UNet2DConditionModel
-
+def write_model(out_dir: str, seed: int, family: str = "sdxl", scheduler_config: dict | None = None) -> str:
+    """A diffusers folder: the family's tiny denoiser, freshly initialised from `seed`, and a scheduler
+    config (the family's training scheduler unless given)."""
+    cls = family_class(family)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(unet_config or TINY[family][0])
-    unet.save_pretrained(os.path.join(out_dir, "unet"), safe_serialization=True)
+    denoiser = cls.denoiser_from_config(cls.TINY_DENOISER_CONFIG)
+    denoiser.save_pretrained(os.path.join(out_dir, cls.DENOISER_SUBFOLDER), safe_serialization=True)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(TINY[family][1], f, indent=2)
+        json.dump(scheduler_config or cls.SCHEDULER_CONFIG, f, indent=2)
     return out_dir
 
 
 def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resolution: int, seed: int,
-                 unet_config: dict | None = None, vae_scale_factor: int = 8, signal: float = 0.0,
-                 family: str = "sdxl") -> str:
-    """Random pairs whose tensors match what `unet_config` expects.
+                 signal: float = 0.0, family: str = "sdxl") -> str:
+    """Random pairs whose tensors match what the family's tiny denoiser expects.
 
     signal > 0 gives the pairs a learnable preference: latent channel 0 is
     shifted by +signal in winners and by -signal in losers.
     """
-    unet_config, scheduler_config = unet_config or TINY[family][0], TINY[family][1]
-    spec = FAMILIES[family](scheduler_config, None, resolution, vae_scale_factor)
-    schema = spec.sample_schema(unet_config)
+    spec = family_class(family).tiny(resolution)
+    schema = spec.sample_schema(spec.TINY_DENOISER_CONFIG)
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(out_dir, max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
-            tensors = {name: torch.randn(shape, generator=g).to(torch.float16)
-                       for name, shape in schema.items() if not name.startswith("time_ids")}
+            tensors = {name: torch.randn(schema[name], generator=g).to(torch.float16)
+                       for name in ("latents_w", "latents_l")}
             tensors["latents_w"][0] += signal
             tensors["latents_l"][0] -= signal
-            for name in schema:
-                if name.startswith("time_ids"):  # SDXL's: original size, crop top-left, target size
-                    tensors[name] = torch.tensor([resolution, resolution, 0, 0, resolution, resolution],
-                                                 dtype=torch.float32)
+            tensors.update(spec.synthetic_conditioning(spec.TINY_DENOISER_CONFIG, resolution, g, torch.float16))
             meta = {"caption": f"synthetic pair {i}", "family": family, "latent_layout": spec.LATENT_LAYOUT,
                     "scaling_factor": 0.13025, "shift_factor": None, "label": 1.0,
                     "source": {"tool": "make_synthetic", "seed": seed, "index": i}}
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-per-shard", type=int, default=16)
     p.add_argument("--resolution", type=int, default=64, help="pixel resolution; latents are resolution/8 per side")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", choices=sorted(TINY), default="sdxl", help="model family of the model and shards")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="sdxl", help="model family of the model and shards")
     p.add_argument("--signal", type=float, default=0.0,
                    help="shift of latent channel 0, + in winners and - in losers (0: no learnable preference)")
     args = p.parse_args(argv)

@@ -10,7 +10,8 @@ about half the time; Diffusion-DPO on the pairs should move that rate toward
 the preferred mode, and the evaluation here measures whether it does.
 
   python tools/toy_world.py data --out DIR [--num-pairs N] [--prefer A|B] [--seed S]
-      writes DIR/shards/ (docs/design.md §4 format) and DIR/model/ (a fresh tiny UNet + a DDPM scheduler)
+      writes DIR/shards/ (docs/design.md §4 format) and DIR/model/ (the sdxl family's tiny UNet, fresh, and a
+      DDPM scheduler)
   python tools/toy_world.py eval --reference MODEL_DIR --policy UNET_DIR [--num-samples N] [--json OUT]
       samples both (DDIM, fixed seeds, same initial noise) and reports the rate of the preferred mode
       (samples near neither mode never count) with a bootstrap 95% interval of the difference
@@ -26,7 +27,12 @@ import sys
 import torch
 
 from dpo_ds.data import ShardWriter
-from dpo_ds.models import sdxl
+from dpo_ds.encode import Geometry
+from dpo_ds.models import family_class
+from dpo_ds.models.family import Family
+from make_synthetic import write_model  # a sibling script: the one writer of tiny models
+
+FAMILY = "sdxl"  # the toy's model is the sdxl family's tiny UNet
 
 PATTERN_SEED = 20240601
 AMPLITUDE, SPREAD = 0.8, 0.3
@@ -77,12 +83,23 @@ def is_preferred(latents_NCHW: torch.Tensor, prefer: str) -> torch.Tensor:
     return on_manifold(latents_NCHW) & (mode_a if prefer == "A" else ~mode_a)
 
 
-def conditioning() -> dict[str, torch.Tensor]:
-    """One fixed 'prompt' for every pair: the toy's preference is about the image alone."""
+def toy_family() -> Family:
+    """The toy's model family: the tiny denoiser at RESOLUTION, trained with TOY_SCHEDULER_CONFIG."""
+    return family_class(FAMILY).tiny(RESOLUTION, TOY_SCHEDULER_CONFIG)
+
+
+def conditioning(family: Family) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One fixed conditioning for every pair, float32 (the toy's preference is about the image alone):
+    (the prompt's tensors, the images' tensors). The prompt's token states [L x D] are small noise, a
+    pooled prompt vector [D] zero; both images are uncropped."""
+    schema = family.sample_schema(family.TINY_DENOISER_CONFIG)
     g = torch.Generator().manual_seed(PATTERN_SEED + 1)
-    return {"prompt_embeds": 0.1 * torch.randn(sdxl.TEXT_SEQ_LEN, 64, generator=g),
-            "pooled_prompt_embeds": torch.zeros(32),
-            "time_ids": torch.tensor([RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION], dtype=torch.float32)}
+    prompt = {}
+    for name in family.PROMPT_TENSORS:
+        shape = schema[name]
+        prompt[name] = 0.1 * torch.randn(shape, generator=g) if len(shape) == 2 else torch.zeros(shape)
+    geometry = Geometry.uncropped(RESOLUTION, RESOLUTION)
+    return prompt, family.image_conditioning(geometry, geometry)
 
 
 def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_shard: int = 64) -> None:
@@ -91,34 +108,18 @@ def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_sh
         raise ValueError(f"--prefer must be A or B, got {prefer!r}")
     a, b = patterns()
     win, lose = (a, b) if prefer == "A" else (b, a)
-    cond = conditioning()
+    prompt, images = conditioning(toy_family())
+    stored = {**{name: t.half() for name, t in prompt.items()}, **images}  # as an encoder stores them
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(os.path.join(out, "shards"), max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
             tensors = {"latents_w": (win + SPREAD * torch.randn(LATENT_SHAPE, generator=g)).half(),
-                       "latents_l": (lose + SPREAD * torch.randn(LATENT_SHAPE, generator=g)).half(),
-                       "prompt_embeds": cond["prompt_embeds"].half(),
-                       "pooled_prompt_embeds": cond["pooled_prompt_embeds"].half(),
-                       "time_ids_w": cond["time_ids"], "time_ids_l": cond["time_ids"]}
-            meta = {"caption": "toy", "family": "sdxl", "latent_layout": "CHW", "scaling_factor": 1.0,
+                       "latents_l": (lose + SPREAD * torch.randn(LATENT_SHAPE, generator=g)).half(), **stored}
+            meta = {"caption": "toy", "family": FAMILY, "latent_layout": "CHW", "scaling_factor": 1.0,
                     "shift_factor": None, "label": 1.0, "source": {"tool": "toy_world", "prefer": prefer,
                                                                     "seed": seed, "index": i}}
             writer.write(f"toy{seed}_{i:07d}", meta, tensors)
-    write_model(os.path.join(out, "model"), seed)
-
-
-def write_model(out: str, seed: int, unet=None) -> str:
-    """A diffusers folder: unet/ (given, or freshly initialised) and the toy's scheduler/."""
-    from diffusers import UNet2DConditionModel
-
-    if unet is None:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(sdxl.TINY_UNET_CONFIG)
-    unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
-    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(TOY_SCHEDULER_CONFIG, f, indent=2)
-    return out
+    write_model(os.path.join(out, "model"), seed, FAMILY, TOY_SCHEDULER_CONFIG)
 
 
 NUM_SAMPLING_STEPS, SAMPLING_BATCH = 25, 256
@@ -132,15 +133,14 @@ def generate(unet, *, num_samples: int, num_steps: int = NUM_SAMPLING_STEPS, see
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config({**TOY_SCHEDULER_CONFIG, "set_alpha_to_one": False, "steps_offset": 1})
-    cond = conditioning()
+    family = toy_family()
+    prompt, images = conditioning(family)
     g = torch.Generator().manual_seed(seed)
     x_all = torch.randn(num_samples, *LATENT_SHAPE, generator=g)
     out = []
     for x in x_all.split(batch_size):
         n = len(x)
-        kwargs = {"encoder_hidden_states": cond["prompt_embeds"].expand(n, -1, -1),
-                  "added_cond_kwargs": {"text_embeds": cond["pooled_prompt_embeds"].expand(n, -1),
-                                        "time_ids": cond["time_ids"].expand(n, -1)}}
+        kwargs = family.sampling_kwargs({**prompt, **images}, n, torch.float32)
         scheduler.set_timesteps(num_steps)
         for t in scheduler.timesteps:
             eps = unet(x, t.expand(n), **kwargs).sample

@@ -1,7 +1,9 @@
-"""Model families behind one interface (dpo_ds/models/family.py), and building the run's family.
+"""Model families behind one interface (dpo_ds/models/family.py), building the run's family, and the
+families' encoders.
 
-One module per family (`sdxl`, `sd15`, ...). Nothing here knows about DeepSpeed: a family's
-`errors` takes any callable module, a bare one or an engine wrapping it.
+One module per family (`sdxl`, `sd15`, ...), its encoder beside it (`sdxl_encoder`, ...). Nothing
+here knows about DeepSpeed: a family's `errors` takes any callable module, a bare one or an engine
+wrapping it.
 """
 
 from __future__ import annotations
@@ -11,15 +13,27 @@ import os
 
 from dpo_ds.models.family import Family
 from dpo_ds.models.sd15 import SD15
+from dpo_ds.models.sd15_encoder import SD15Encoder
 from dpo_ds.models.sdxl import SDXL
+from dpo_ds.models.sdxl_encoder import SDXLEncoder
+from dpo_ds.models.wan_encoder import WanEncoder
 
 FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15}
+# Family name -> its encoder: captions and pixels to the family's shard samples (tools/encode_pairs.py).
+# Wan's encoder comes before its family.
+ENCODERS: dict[str, type] = {"sdxl": SDXLEncoder, "sd15": SD15Encoder, "wan": WanEncoder}
 
 
 def family_class(name: str) -> type[Family]:
     if name not in FAMILIES:
         raise ValueError(f"model.family {name!r} is not one of {sorted(FAMILIES)}")
     return FAMILIES[name]
+
+
+def encoder_class(name: str) -> type:
+    if name not in ENCODERS:
+        raise ValueError(f"family {name!r} has no encoder; encoders: {sorted(ENCODERS)}")
+    return ENCODERS[name]
 
 
 def load_scheduler_config(pretrained_path: str | None, scheduler_config: str | None) -> dict:

@@ -10,7 +10,8 @@ is built once per run from the run's model and data settings (dpo_ds.models.buil
   the denoiser     check_source, load_denoiser, set_attention, export
   the schema       sample_schema: every tensor a shard sample must carry, and its shape;
                    PROMPT_TENSORS: those the prompt alone decides (replaced by the empty prompt's
-                   when data.empty_prompt_prob drops a pair's prompt)
+                   when data.empty_prompt_prob drops a pair's prompt); image_conditioning: those
+                   each image's size and crop decide (SDXL's time ids; none for most families)
   the draw's law   draw_t: the pair's value t (DDPM: an integer timestep as a float; flow and EDM:
                    σ) from the pair's seeded generator; draw_law: that law as JSON, for fingerprints;
                    noise_level: t mapped to [0, 1] (0 clean, 1 pure noise), for diagnostics
@@ -21,9 +22,15 @@ is built once per run from the run's model and data settings (dpo_ds.models.buil
   the error        error: prediction vs target reduced to a per-sample error, the mean over
                    non-batch dimensions (times any loss weight the family defines)
   sampling         BASE_PARTS and pipeline: the diffusers pipeline that samples with a denoiser,
-                   from the other components of a base model folder (tools/sample.py)
+                   from the other components of a base model folder (tools/sample.py);
+                   sampling_kwargs: the conditioning arguments of a denoiser sampled directly
+                   (tools/toy_world.py)
+  a toy model      TINY_DENOISER_CONFIG, SCHEDULER_CONFIG, denoiser_from_config and tiny: a small
+                   denoiser of the family's layout built from config, for tests, demos and
+                   synthetic data (tools/make_synthetic.py); synthetic_conditioning: a random
+                   sample's conditioning; nothing is downloaded
 
-Subclasses set NAME, LATENT_LAYOUT and DENOISER_SUBFOLDER.
+Subclasses set NAME, LATENT_LAYOUT, DENOISER_SUBFOLDER, TINY_DENOISER_CONFIG and SCHEDULER_CONFIG.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import ClassVar
 
 import torch
 
+from dpo_ds.encode import Geometry
 from dpo_ds.losses import per_sample_error
 
 
@@ -40,11 +48,19 @@ class Family(ABC):
     NAME: ClassVar[str]
     LATENT_LAYOUT: ClassVar[str]        # "CHW" (images) or "CFHW" (videos)
     DENOISER_SUBFOLDER: ClassVar[str]   # the diffusers folder's "unet" or "transformer"
+    TINY_DENOISER_CONFIG: ClassVar[dict]  # the family's denoiser at toy width (a diffusers config)
+    SCHEDULER_CONFIG: ClassVar[dict]      # the family's training scheduler (a diffusers scheduler config)
 
     @classmethod
     @abstractmethod
     def from_settings(cls, model, data, scheduler_config: dict) -> "Family":
         """The family for a run's model and data sections (dpo_ds.config) and its scheduler config."""
+
+    @classmethod
+    @abstractmethod
+    def tiny(cls, resolution: int, scheduler_config: dict | None = None) -> "Family":
+        """The family of a toy model: TINY_DENOISER_CONFIG's denoiser on images of side `resolution` (a VAE
+        scale factor of 8), trained with `scheduler_config` (default SCHEDULER_CONFIG)."""
 
     # ------------------------------------------------------------ the denoiser
 
@@ -57,6 +73,11 @@ class Family(ABC):
     @abstractmethod
     def load_denoiser(pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
         """The denoiser from a local diffusers folder, or freshly built from a config.json (fp32)."""
+
+    @staticmethod
+    @abstractmethod
+    def denoiser_from_config(config: dict) -> torch.nn.Module:
+        """A freshly initialised denoiser (fp32) from its config, drawn from torch's global generator."""
 
     @staticmethod
     @abstractmethod
@@ -83,6 +104,11 @@ class Family(ABC):
         """The family's diffusers pipeline: BASE_PARTS loaded from the folder `base`, with `denoiser` and
         `scheduler`, components in `dtype`, its progress bar off."""
 
+    @abstractmethod
+    def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
+        """The denoiser's conditioning arguments, in `dtype`, for n samples that are all conditioned as the
+        winner of `sample` (one shard sample's tensors, unbatched)."""
+
     # ------------------------------------------------------------ data
 
     PROMPT_TENSORS: ClassVar[tuple[str, ...]]  # the sample's tensors that depend on the prompt alone
@@ -90,6 +116,21 @@ class Family(ABC):
     @abstractmethod
     def sample_schema(self, denoiser_config: dict) -> dict[str, tuple[int, ...] | None]:
         """Tensor names -> shapes that every shard sample must carry (None: any shape)."""
+
+    @staticmethod
+    def image_conditioning(geometry_w: Geometry, geometry_l: Geometry) -> dict[str, torch.Tensor]:
+        """The sample's tensors that the winner's and the loser's geometry decide, as a shard stores
+        them; none unless the family conditions on an image's size and crop."""
+        return {}
+
+    def synthetic_conditioning(self, denoiser_config: dict, resolution: int, g: torch.Generator,
+                               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A synthetic sample's conditioning as a shard stores it: each of PROMPT_TENSORS drawn N(0, 1) from
+        `g` in `dtype`, then image_conditioning of an uncropped square image of side `resolution`."""
+        schema = self.sample_schema(denoiser_config)
+        prompt = {name: torch.randn(schema[name], generator=g).to(dtype) for name in self.PROMPT_TENSORS}
+        geometry = Geometry.uncropped(resolution, resolution)
+        return {**prompt, **self.image_conditioning(geometry, geometry)}
 
     # ------------------------------------------------------------ the draw and the forward process
 

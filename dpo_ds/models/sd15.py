@@ -16,39 +16,39 @@ from dpo_ds.models.unet2d import DDPMUNet2D
 
 TEXT_SEQ_LEN = 77
 
-# SD 1.5's block layout at toy width, for tests and toy runs; nothing is downloaded.
-TINY_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 32,
-    "norm_num_groups": 32,
-}
-
-# SD 1.5's training scheduler (scaled-linear betas, epsilon prediction).
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
-
 
 class SD15(DDPMUNet2D):
     NAME = "sd15"
     PROMPT_TENSORS = ("prompt_embeds",)
     BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+    # SD 1.5's block layout at toy width, for tests and toy runs; nothing is downloaded.
+    TINY_DENOISER_CONFIG = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 32,
+    }
+
+    # SD 1.5's training scheduler (scaled-linear betas, epsilon prediction).
+    SCHEDULER_CONFIG = {
+        "_class_name": "PNDMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+    }
 
     @staticmethod
     def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):
@@ -75,6 +75,9 @@ class SD15(DDPMUNet2D):
             "latents_l": latents,
             "prompt_embeds": (TEXT_SEQ_LEN, int(unet_config["cross_attention_dim"])),
         }
+
+    def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
+        return {"encoder_hidden_states": sample["prompt_embeds"].expand(n, -1, -1).to(dtype)}
 
     def unet_kwargs(self, batch: dict, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": batch["prompt_embeds"].repeat(2, 1, 1).to(dtype)}

@@ -12,49 +12,50 @@ import os
 
 import torch
 
+from dpo_ds.encode import Geometry
 from dpo_ds.models.unet2d import DDPMUNet2D
 
 TEXT_SEQ_LEN = 77
-
-# A UNet with SDXL's conditioning interface (text_time added embedding, two
-# text-embedding streams), small enough to train on a laptop CPU. Tests and
-# the demo build it from this config; nothing is downloaded.
-TINY_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "attention_head_dim": [2, 4],
-    "transformer_layers_per_block": [1, 1],
-    "use_linear_projection": True,
-    "cross_attention_dim": 64,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 80,
-    "norm_num_groups": 32,
-}
-
-# SDXL base's training scheduler (scaled-linear betas, epsilon prediction).
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
 
 
 class SDXL(DDPMUNet2D):
     NAME = "sdxl"
     PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
     BASE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+    # A UNet with SDXL's conditioning interface (text_time added embedding, two
+    # text-embedding streams), small enough to train on a laptop CPU. Tests and
+    # the demo build it from this config; nothing is downloaded.
+    TINY_DENOISER_CONFIG = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": [2, 4],
+        "transformer_layers_per_block": [1, 1],
+        "use_linear_projection": True,
+        "cross_attention_dim": 64,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 80,
+        "norm_num_groups": 32,
+    }
+
+    # SDXL base's training scheduler (scaled-linear betas, epsilon prediction).
+    SCHEDULER_CONFIG = {
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    }
 
     @staticmethod
     def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):
@@ -83,6 +84,19 @@ class SDXL(DDPMUNet2D):
             "time_ids_w": (6,),
             "time_ids_l": (6,),
         }
+
+    @staticmethod
+    def image_conditioning(geometry_w: Geometry, geometry_l: Geometry) -> dict[str, torch.Tensor]:
+        """time_ids_w, time_ids_l [6] float32: (original height, width, crop top, left, target height, width),
+        SDXL's micro-conditioning, the crop measured after the resize as SDXL was trained."""
+        return {f"time_ids_{side}": torch.tensor([g.original_height, g.original_width, g.crop_top, g.crop_left,
+                                                  g.height, g.width], dtype=torch.float32)
+                for side, g in (("w", geometry_w), ("l", geometry_l))}
+
+    def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
+        return {"encoder_hidden_states": sample["prompt_embeds"].expand(n, -1, -1).to(dtype),
+                "added_cond_kwargs": {"text_embeds": sample["pooled_prompt_embeds"].expand(n, -1).to(dtype),
+                                      "time_ids": sample["time_ids_w"].expand(n, -1).to(dtype)}}
 
     def unet_kwargs(self, batch: dict, dtype: torch.dtype) -> dict:
         # Winner and loser share the prompt; each image has its own size and crop (time_ids).

@@ -12,8 +12,8 @@ from abc import abstractmethod
 
 import torch
 
+from dpo_ds.models.ddpm import DDPMProcess, uniform_timestep
 from dpo_ds.models.family import Family
-from dpo_ds.noise import DDPMProcess, uniform_timestep
 
 
 class DDPMUNet2D(Family):
@@ -40,6 +40,10 @@ class DDPMUNet2D(Family):
         return cls(scheduler_config, model.prediction_type, data.resolution, model.vae_scale_factor,
                    data.timestep_range)
 
+    @classmethod
+    def tiny(cls, resolution: int, scheduler_config: dict | None = None) -> "DDPMUNet2D":
+        return cls(scheduler_config or cls.SCHEDULER_CONFIG, None, resolution, 8)
+
     # ------------------------------------------------------------ the denoiser
 
     @classmethod
@@ -53,13 +57,17 @@ class DDPMUNet2D(Family):
 
     @classmethod
     def load_denoiser(cls, pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
-        from diffusers import UNet2DConditionModel
-
         cls.check_source(pretrained_path, config_path)
         if config_path is not None:
             with open(config_path) as f:
-                return UNet2DConditionModel.from_config(json.load(f))
+                return cls.denoiser_from_config(json.load(f))
         return cls.denoiser_from_folder(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER), torch.float32)
+
+    @staticmethod
+    def denoiser_from_config(config: dict) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(config)
 
     @staticmethod
     def denoiser_from_folder(folder: str, dtype: torch.dtype) -> torch.nn.Module:
