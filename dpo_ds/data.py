@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ import braceexpand
 import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.writer import TarWriter
 
 from dpo_ds import noise
 
@@ -188,18 +188,16 @@ class ShardWriter:
         num_bytes = sum(512 + -(-len(b) // 512) * 512 for b in members.values())  # header + padded payload
         if self._tar is not None and (
             len(self._shard_keys) >= self.max_pairs
-            or (self.max_bytes is not None and self._file.tell() + num_bytes > self.max_bytes)
+            or (self.max_bytes is not None and self._tar.tarstream.offset + num_bytes > self.max_bytes)
         ):
             self._finish_shard()
         if self._tar is None:
             name = f"{self.prefix}-{len(self._index_entries):06d}.tar"
             self._file = open(os.path.join(self.out_dir, name + ".tmp"), "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+            # encoder=False: bytes in, bytes out (no handler, so nothing is ever pickled); no time, owner or group.
+            self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
             self._shard_keys = []
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **members})  # members in sorted order: KEY.json, KEY.safetensors
         self._shard_keys.append(key)
         self._keys.add(key)
 
