@@ -214,13 +214,18 @@ class ShardWriter:
         """Finish the open shard and merge this writer's shards into index.json."""
         if self._tar is not None:
             self._finish_shard()
-        index_path = os.path.join(self.out_dir, INDEX_NAME)
-        entries = {e["name"]: e for e in _read_index(index_path).values()}
-        entries.update({e["name"]: e for e in self._index_entries})
-        index = {"format": INDEX_FORMAT, "shards": [entries[name] for name in sorted(entries)]}
-        with open(index_path + ".tmp", "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(index_path + ".tmp", index_path)
+        merge_index(self.out_dir, self._index_entries)
+
+
+def merge_index(folder: str, entries: list[dict]) -> None:
+    """Merge shard entries into folder's index.json, atomically: an entry replaces the one of its name.
+    The writer and tools/encode_pairs.py (which serializes its ranks with a lock) both publish through this."""
+    path = os.path.join(folder, INDEX_NAME)
+    merged = {**read_index(path), **{e["name"]: e for e in entries}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"format": INDEX_FORMAT, "shards": [merged[name] for name in sorted(merged)]}, f, indent=1)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,7 @@ class ShardInfo:
     size_bytes: int  # -1 when unknown (pipe: URLs)
 
 
-def _read_index(index_path: str) -> dict[str, dict]:
+def read_index(index_path: str) -> dict[str, dict]:
     """index.json's entries by shard name, each with "keys" when the index lists them; {} when absent
     or unusable (then shards are counted)."""
     if not os.path.exists(index_path):
@@ -331,7 +336,7 @@ def list_shards(spec: str | list[str], check: bool = False) -> list[ShardInfo]:
             continue
         index_path = os.path.join(os.path.dirname(os.path.abspath(url)), INDEX_NAME)
         if index_path not in indexes:
-            indexes[index_path] = _read_index(index_path)
+            indexes[index_path] = read_index(index_path)
         entry = indexes[index_path].get(os.path.basename(url))
         size = os.path.getsize(url)
         if entry is not None and size <= entry["size_bytes"]:
