@@ -21,7 +21,11 @@ Batch legend (PairLoader.epoch yields, B = batch_size, `...` = latent layout CHW
   A batch with no keys (and no tensors) means its worker found no good pair in the epoch; the
   warning before it names the worker's shards, and the trainer stops every rank on it.
 
-This is the only module that decodes sample bytes, and nothing here uses pickle.
+This is the only module that decodes sample bytes, and nothing here uses pickle. webdataset writes the
+tars (TarWriter, its encoder off: our bytes go in unchanged), opens shard URLs (gopen: files, `pipe:CMD`)
+and iterates their members (tar_file_iterator); its samples, decoders and encoders are never used, so
+members stay raw bytes until decode_sample. Listing keys reads tar headers only, with tarfile, which
+webdataset cannot do (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -29,13 +33,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
 import random
 import re
-import subprocess
 import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -44,6 +46,9 @@ import braceexpand
 import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import Pipe, gopen
+from webdataset.tariterators import tar_file_iterator
+from webdataset.writer import TarWriter
 
 from dpo_ds import noise
 
@@ -188,18 +193,16 @@ class ShardWriter:
         num_bytes = sum(512 + -(-len(b) // 512) * 512 for b in members.values())  # header + padded payload
         if self._tar is not None and (
             len(self._shard_keys) >= self.max_pairs
-            or (self.max_bytes is not None and self._file.tell() + num_bytes > self.max_bytes)
+            or (self.max_bytes is not None and self._tar.tarstream.offset + num_bytes > self.max_bytes)
         ):
             self._finish_shard()
         if self._tar is None:
             name = f"{self.prefix}-{len(self._index_entries):06d}.tar"
             self._file = open(os.path.join(self.out_dir, name + ".tmp"), "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+            # encoder=False: bytes in, bytes out (no handler, so nothing is ever pickled); no time, owner or group.
+            self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
             self._shard_keys = []
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **members})  # members in sorted order: KEY.json, KEY.safetensors
         self._shard_keys.append(key)
         self._keys.add(key)
 
@@ -216,13 +219,18 @@ class ShardWriter:
         """Finish the open shard and merge this writer's shards into index.json."""
         if self._tar is not None:
             self._finish_shard()
-        index_path = os.path.join(self.out_dir, INDEX_NAME)
-        entries = {e["name"]: e for e in _read_index(index_path).values()}
-        entries.update({e["name"]: e for e in self._index_entries})
-        index = {"format": INDEX_FORMAT, "shards": [entries[name] for name in sorted(entries)]}
-        with open(index_path + ".tmp", "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(index_path + ".tmp", index_path)
+        merge_index(self.out_dir, self._index_entries)
+
+
+def merge_index(folder: str, entries: list[dict]) -> None:
+    """Merge shard entries into folder's index.json, atomically: an entry replaces the one of its name.
+    The writer and tools/encode_pairs.py (which serializes its ranks with a lock) both publish through this."""
+    path = os.path.join(folder, INDEX_NAME)
+    merged = {**read_index(path), **{e["name"]: e for e in entries}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"format": INDEX_FORMAT, "shards": [merged[name] for name in sorted(merged)]}, f, indent=1)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -232,7 +240,7 @@ class ShardInfo:
     size_bytes: int  # -1 when unknown (pipe: URLs)
 
 
-def _read_index(index_path: str) -> dict[str, dict]:
+def read_index(index_path: str) -> dict[str, dict]:
     """index.json's entries by shard name, each with "keys" when the index lists them; {} when absent
     or unusable (then shards are counted)."""
     if not os.path.exists(index_path):
@@ -255,34 +263,36 @@ def _read_index(index_path: str) -> dict[str, dict]:
 
 @contextlib.contextmanager
 def _open_shard(url: str) -> Iterator:
-    """A binary stream of the shard: a local file, or the stdout of a `pipe:CMD` URL."""
-    if not url.startswith("pipe:"):
-        with open(url, "rb") as f:
-            yield f
-        return
-    proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+    """A binary stream of the shard from webdataset's gopen: a local file, or the stdout of a `pipe:CMD` URL,
+    whose failure (a non-zero exit status, seen at a read or when the stream ends) raises OSError."""
+    # An absolute path, so that gopen never takes a relative path's "name:" for a URL scheme.
+    stream = gopen(url if url.startswith("pipe:") else os.path.abspath(url), "rb")
+    is_pipe = isinstance(stream, Pipe)
     try:
-        yield proc.stdout
-        while proc.stdout.read(1 << 20):  # the tar's trailing padding, so the command exits cleanly
+        yield stream
+        while is_pipe and stream.read(1 << 20):  # the tar's padding, so the command exits cleanly
             pass
-    except BaseException:
-        proc.kill()  # a reader that stopped early does not care how the command ends
-        proc.wait()
+        stream.close()
+    except Exception:
+        if is_pipe and stream.status not in (None, *stream.ignore_status):  # gopen's message is its Popen args
+            raise OSError(f"{url!r} exited with status {stream.status}") from None
         raise
     finally:
-        proc.stdout.close()
-    if proc.wait() != 0:
-        raise OSError(f"{url!r} exited with status {proc.returncode}")
+        if is_pipe and not stream.stream.closed:  # a reader that stopped early does not care how the command ends
+            stream.ignore_errors = True
+            stream.proc.kill()
+        stream.close()
 
 
 def shard_keys(url: str) -> list[str]:
     """The key of every sample tar_samples yields, repeats included, so its length is what the reader
-    plans with; for local files only the headers are read, payloads are seeked over."""
+    plans with. For local files only the headers are read (tarfile seeks over payloads; webdataset's
+    iterator would read them all), for pipe: URLs every byte streams past."""
     keys: list[str] = []
     try:
         mode = "r|*" if url.startswith("pipe:") else "r:*"  # "r:" seeks over payloads
         with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
-            keys += (key for key, _ in _samples(tar, read=False))
+            keys += (key for key, _ in _samples((m.name, None) for m in tar if m.isreg()))
     except SHARD_ERRORS as e:
         log.warning("shard %s: tar unreadable after %d pairs (%s); counting those", url, len(keys), _why(e))
     return keys
@@ -333,7 +343,7 @@ def list_shards(spec: str | list[str], check: bool = False) -> list[ShardInfo]:
             continue
         index_path = os.path.join(os.path.dirname(os.path.abspath(url)), INDEX_NAME)
         if index_path not in indexes:
-            indexes[index_path] = _read_index(index_path)
+            indexes[index_path] = read_index(index_path)
         entry = indexes[index_path].get(os.path.basename(url))
         size = os.path.getsize(url)
         if entry is not None and size <= entry["size_bytes"]:
@@ -429,30 +439,33 @@ def _seed_of(*parts: object) -> int:
 
 def tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes] | RepeatedKey]]:
     """(key, {ext: bytes}) per sample in tar order, undecoded; see _samples for where samples start.
+    Members come from webdataset's tar_file_iterator as raw bytes (no webdataset decoder ever sees them).
     The tools that read raw members (inspection, the reference cache) read them through this."""
-    with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        yield from _samples(tar, read=True)
+    with _open_shard(url) as stream:
+        members = tar_file_iterator(stream, skip_meta=None)
+        yield from _samples((m["fname"], m["data"]) for m in members)
 
 
-def _samples(tar: tarfile.TarFile, read: bool) -> Iterator[tuple[str, dict[str, bytes | None] | RepeatedKey]]:
-    """The samples of an open tar: consecutive members with one key form a sample, until a member's
-    extension comes again (a.json a.safetensors a.json ... is two samples). A key that already gave a
-    sample, here or earlier in the tar, gives (key, RepeatedKey) in place of its members: the first
-    sample is kept, every repeat is a bad one. read=False leaves payloads unread (None), for counting."""
+def _samples(members: Iterator[tuple[str, bytes | None]]) -> Iterator[tuple[str, dict | RepeatedKey]]:
+    """Samples from a tar's regular members (name, payload, or None when unread): consecutive members
+    with one key form a sample, until a member's extension comes again (a.json a.safetensors a.json ...
+    is two samples). A key that already gave a sample, here or earlier in the tar, gives (key, RepeatedKey)
+    in place of its members: the first sample is kept, every repeat is a bad one. Top-level `__*__`
+    members, which webdataset's iterator skips as its metadata, are skipped here too."""
     seen: set[str] = set()
-    key, members = None, {}
-    for member in tar:
-        match = _KEY_EXT.match(member.name)
-        if not (member.isfile() and match):
+    key, sample = None, {}
+    for name, payload in members:
+        match = _KEY_EXT.match(name)
+        if not match or ("/" not in name and name.startswith("__") and name.endswith("__")):
             continue
-        if match[1] != key or match[2] in members:
+        if match[1] != key or match[2] in sample:
             if key is not None:
-                yield key, _repeat(key) if key in seen else members
+                yield key, _repeat(key) if key in seen else sample
                 seen.add(key)
-            key, members = match[1], {}
-        members[match[2]] = tar.extractfile(member).read() if read and key not in seen else None
+            key, sample = match[1], {}
+        sample[match[2]] = None if key in seen else payload
     if key is not None:
-        yield key, _repeat(key) if key in seen else members
+        yield key, _repeat(key) if key in seen else sample
 
 
 def _repeat(key: str) -> RepeatedKey:

@@ -6,7 +6,9 @@ import functools
 import json
 import logging
 import os
+import pickle
 import tarfile
+import time
 
 import pytest
 import safetensors.torch
@@ -289,6 +291,69 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     # Across 2 ranks x 2 workers the bad shards cost batches nowhere: every rank yields the same count.
     loaders = [make_loader(shards, batch_size=2, rank=r, world_size=2) for r in range(2)]
     assert [len(list(loader.epoch(0))) for loader in loaders] == [loaders[0].batches_per_epoch] * 2
+
+
+class _Armed:
+    """Unpickling this creates the file at its path: the proof that a pickle was executed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("kind", ["file", "pipe"])
+def test_a_pickle_bearing_member_is_counted_bad_and_never_unpickled(tmp_path, caplog, kind):
+    """Members come through webdataset's tar iterator as raw bytes: none of its decoders runs, and
+    decode_sample refuses the pickle extensions before anything is decoded."""
+    armed = pickle.dumps(_Armed(str(tmp_path / "executed")))
+    write_raw_tar(tmp_path / "evil.tar", [
+        raw_members(0),
+        (raw_members(1)[0], {**raw_members(1)[1], "pyd": armed}),
+        (raw_members(2)[0], {**raw_members(2)[1], "pth": armed}),
+        ("evil", {"pickle": armed}),
+        raw_members(3),
+    ])
+    url = str(tmp_path / "evil.tar") if kind == "file" else f"pipe:cat {tmp_path}/evil.tar"
+    [shard] = data.list_shards([url])
+    assert shard.num_pairs == 5
+    raw = dict(data.tar_samples(url))
+    assert raw["pair0001"]["pyd"] == raw["pair0002"]["pth"] == raw["evil"]["pickle"] == armed  # bytes, as stored
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        batches = list(make_loader([shard], batch_size=2, num_workers=0).epoch(0))
+    assert sum(b["num_bad"] for b in batches) == 3 and set(all_keys(batches)) == {"pair0000", "pair0003"}
+    for key in ("pair0001", "pair0002", "evil"):
+        assert f"bad pair {key} in shard {url}" in caplog.text
+    assert caplog.text.count("pickle-bearing, never decoded") == 3
+    assert not (tmp_path / "executed").exists()
+    pickle.loads(armed)  # the payload was armed: loading it is what the reader never does
+    assert (tmp_path / "executed").exists()
+
+
+def test_a_failing_pipe_is_warned_about_and_its_pairs_counted_bad(tmp_path, caplog):
+    write_pairs(tmp_path, range(6), max_pairs=6)
+    url = f"pipe:cat {tmp_path}/shard-000000.tar"
+    [shard] = data.list_shards([url])
+    assert shard.num_pairs == 6
+    # A command that fails after its whole output still fails the shard: webdataset's gopen raises OSError.
+    with pytest.raises(OSError, match="exit 3"):
+        list(data.tar_samples(url + "; exit 3"))
+    # A reader that stops early stops the command (which would sleep on), with no error.
+    start = time.monotonic()
+    samples = data.tar_samples(url + "; sleep 60")
+    assert next(samples)[0] == "pair0000"
+    samples.close()
+    assert time.monotonic() - start < 30
+    (tmp_path / "shard-000000.tar").unlink()  # cat now exits 1 with no output
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        batches = list(make_loader([shard], batch_size=3, num_workers=0).epoch(0))
+    assert [(b["keys"], b["num_bad"]) for b in batches] == [([], 6), ([], 0)]
+    assert f"shard {url} unreadable after 0 pairs" in caplog.text
+    assert f"shard {url} gave 0 of its 6 pairs; counting the rest as bad" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="dpo_ds.data"):
+        assert data.shard_keys(url) == []
+    assert f"shard {url}: tar unreadable after 0 pairs" in caplog.text
 
 
 def test_a_worker_with_only_bad_pairs_yields_empty_batches_naming_its_shard(tmp_path, caplog):

@@ -52,7 +52,7 @@ import safetensors.torch
 import torch
 
 from dpo_ds import launchenv
-from dpo_ds.data import EMPTY_PROMPT_NAME, INDEX_FORMAT, INDEX_FORMATS, INDEX_NAME, ShardWriter
+from dpo_ds.data import EMPTY_PROMPT_NAME, INDEX_NAME, ShardWriter, merge_index, read_index
 from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, key_fraction,
                            prepare_row, prepare_video_row)
 from dpo_ds.models import encoder_class
@@ -222,7 +222,7 @@ class Encoder:
         for split, folder in (("train", args.out), ("val", args.val_out)):
             marker[split] = []
             if split in writers:
-                for entry in _read_index_entries(os.path.join(stage, split)):
+                for entry in read_index(os.path.join(stage, split, INDEX_NAME)).values():
                     shutil.move(os.path.join(stage, split, entry["name"]), os.path.join(folder, entry["name"]))
                     marker[split].append(entry)
         _write_json(os.path.join(args.out, PROGRESS_DIR, f"chunk-{chunk:06d}.json"), marker)
@@ -265,15 +265,6 @@ def _write_json(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _read_index_entries(folder: str) -> list[dict]:
-    path = os.path.join(folder, INDEX_NAME)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        index = json.load(f)
-    return index["shards"] if index.get("format") in INDEX_FORMATS else []  # entries whole: their keys too
-
-
 def _markers(out: str) -> dict[int, dict]:
     folder = os.path.join(out, PROGRESS_DIR)
     markers = {}
@@ -311,10 +302,7 @@ def _publish_indexes(args: argparse.Namespace, markers: dict[int, dict]) -> None
         for split, folder in (("train", args.out), ("val", args.val_out)):
             if folder is None:
                 continue
-            entries = {e["name"]: e for e in _read_index_entries(folder)}
-            entries.update({e["name"]: e for m in markers.values() for e in m[split]})
-            _write_json(os.path.join(folder, INDEX_NAME),
-                        {"format": INDEX_FORMAT, "shards": [entries[n] for n in sorted(entries)]})
+            merge_index(folder, [e for m in markers.values() for e in m[split]])
 
 
 def _write_empty_prompt(args: argparse.Namespace, encoder) -> None:
