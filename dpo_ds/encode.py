@@ -448,6 +448,9 @@ def subfolder(root: str, name: str, layout: str) -> str:
 class ImageVAE:
     """An AutoencoderKL from a local folder, frozen: the image families' pixels-to-latents half."""
 
+    IS_VIDEO = False  # what tools/encode_pairs.py reads for this family: images
+    BATCH_SIZE = 16   # pairs encoded at a time unless --batch-size says otherwise
+
     def __init__(self, vae_path: str, device: torch.device, dtype: torch.dtype):
         from diffusers import AutoencoderKL
 

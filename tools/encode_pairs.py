@@ -55,7 +55,7 @@ from dpo_ds import launchenv
 from dpo_ds.data import EMPTY_PROMPT_NAME, INDEX_NAME, ShardWriter, merge_index, read_index
 from dpo_ds.encode import (BadRow, ClipSpec, Manifest, PreparedPair, PreparedVideoPair, RowSpec, key_fraction,
                            prepare_row, prepare_video_row)
-from dpo_ds.models import encoder_class
+from dpo_ds.models import ENCODERS, encoder_class
 
 log = logging.getLogger("encode_pairs")
 
@@ -63,14 +63,12 @@ PROGRESS_DIR = ".encode"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUM_LOGGED_PER_REASON = 20  # bad rows logged one by one per reason; the rest only counted
-VIDEO_FAMILIES = ("wan",)
-DEFAULT_BATCH_SIZES = {"sdxl": 16, "sd15": 16, "wan": 1}  # a Wan clip is already dozens of frames through the VAE
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", nargs="+", required=True, help="Parquet/JSONL/CSV file(s), read in this order")
-    p.add_argument("--family", choices=["sdxl", "sd15", *VIDEO_FAMILIES], default="sdxl",
+    p.add_argument("--family", choices=sorted(ENCODERS), default="sdxl",
                    help="sdxl, sd15 (SD 1.5 / 2.x): pairs of images; wan: pairs of videos (Wan 2.1 T2V: "
                    "AutoencoderKLWan + UMT5)")
     p.add_argument("--model", required=True,
@@ -123,9 +121,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
-    args.is_video = args.family in VIDEO_FAMILIES
+    args.is_video = encoder_class(args.family).IS_VIDEO
     if args.batch_size is None:
-        args.batch_size = DEFAULT_BATCH_SIZES[args.family]
+        args.batch_size = encoder_class(args.family).BATCH_SIZE
     if args.resolution < 1 or args.pairs_per_shard < 1 or args.batch_size < 1 or args.num_workers < 1:
         p.error("--resolution, --pairs-per-shard, --batch-size and --num-workers must be >= 1")
     if not args.is_video and (args.height is not None or args.width is not None):

@@ -26,6 +26,9 @@ class WanEncoder:
     stored = (z - latents_mean) / latents_std, both from the VAE's config.
     """
 
+    IS_VIDEO = True
+    BATCH_SIZE = 1  # a clip is already dozens of frames through the VAE
+
     def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype,
                  max_sequence_length: int):
         from diffusers import AutoencoderKLWan
