@@ -22,10 +22,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
+FLOW_SETTINGS = ("flow_shift", "sigma_density", "logit_mean", "logit_std")  # ModelConfig's, for flow families only
+
+
 class ModelConfig(_Section):
     family: str = "sdxl"
     """Model family (dpo_ds/models/): the denoiser class, its conditioning, latent layout, forward process
-    and the law of each pair's draw. `sdxl`: SDXL; `sd15`: SD 1.5 and SD 2.x (one CLIP text encoder)."""
+    and the law of each pair's draw. `sdxl`: SDXL; `sd15`: SD 1.5 and SD 2.x (one CLIP text encoder);
+    `wan`: Wan 2.1 text-to-video (a transformer trained by flow matching; docs/design.md §9)."""
     pretrained_path: str | None = None
     """Local diffusers model folder holding the family's denoiser (`unet/` or `transformer/`) and `scheduler/`.
     Required unless `denoiser_config` is set."""
@@ -43,6 +47,16 @@ class ModelConfig(_Section):
     """Training precision: auto is bf16 on GPUs that have it, fp32 on the CPU."""
     vae_scale_factor: int = 8
     """Pixels per latent element along each spatial side; latent size = data.resolution / this."""
+    flow_shift: float | None = Field(None, gt=0)
+    """Flow-matching families (wan): the shift s applied to each drawn σ, σ' = s·σ / (1 + (s − 1)·σ);
+    default the scheduler config's (`shift`, or `flow_shift` with use_flow_sigmas: 3.0 in Wan 2.1 T2V)."""
+    sigma_density: Literal["uniform", "logit_normal"] = "uniform"
+    """Flow-matching families (wan): the density σ is drawn from before the shift: uniform on [0, 1), or
+    logit-normal, σ = sigmoid(n) with n ~ N(logit_mean, logit_std²) (SD3's training default)."""
+    logit_mean: float = 0.0
+    """With sigma_density=logit_normal: the mean of logit(σ) before the shift."""
+    logit_std: float = Field(1.0, gt=0)
+    """With sigma_density=logit_normal: the standard deviation of logit(σ) before the shift."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -51,6 +65,17 @@ class ModelConfig(_Section):
                              "model.denoiser_config (a config.json)")
         if self.denoiser_config is not None and self.scheduler_config is None:
             raise ValueError("model.denoiser_config needs model.scheduler_config (a scheduler_config.json)")
+        return self
+
+    @model_validator(mode="after")
+    def _flow_settings_need_a_flow_family(self) -> "ModelConfig":
+        from dpo_ds.models import FAMILIES
+
+        if not getattr(FAMILIES[self.family], "DRAWS_SIGMA", False):
+            given = [name for name in FLOW_SETTINGS if name in self.model_fields_set]
+            if given:
+                raise ValueError(f"model.{given[0]} is a flow-matching setting (model.family=wan); "
+                                 f"model.family={self.family} draws DDPM timesteps: remove it")
         return self
 
     @field_validator("family")
@@ -334,7 +359,8 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
 # the fingerprint of docs/design.md §5 records them). Every other setting of a run config is
 # accepted and ignored, so one config file serves the precompute and the training run.
 CACHE_SETTINGS = ("seed", "model.family", "model.pretrained_path", "model.denoiser_config", "model.scheduler_config",
-                  "model.prediction_type", "model.dtype", "model.vae_scale_factor", "data.shards",
+                  "model.prediction_type", "model.dtype", "model.vae_scale_factor", "model.flow_shift",
+                  "model.sigma_density", "model.logit_mean", "model.logit_std", "data.shards",
                   "data.resolution", "data.timestep_range", "data.empty_prompt_prob", "reference.pretrained_path",
                   "reference.cache_dir")
 

@@ -150,5 +150,5 @@ def test_xformers_asked_for_but_missing_is_a_clear_error(family_and_unet):
 
 def test_missing_unet_folder_is_a_clear_error(tmp_path):
     for cls in models.FAMILIES.values():
-        with pytest.raises(ValueError, match="has no unet/config.json"):
+        with pytest.raises(ValueError, match=f"has no {cls.DENOISER_SUBFOLDER}/config.json"):
             cls.load_denoiser(str(tmp_path), None)

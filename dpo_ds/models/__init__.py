@@ -16,11 +16,11 @@ from dpo_ds.models.sd15 import SD15
 from dpo_ds.models.sd15_encoder import SD15Encoder
 from dpo_ds.models.sdxl import SDXL
 from dpo_ds.models.sdxl_encoder import SDXLEncoder
+from dpo_ds.models.wan import Wan
 from dpo_ds.models.wan_encoder import WanEncoder
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15, "wan": Wan}
 # Family name -> its encoder: captions and pixels to the family's shard samples (tools/encode_pairs.py).
-# Wan's encoder comes before its family.
 ENCODERS: dict[str, type] = {"sdxl": SDXLEncoder, "sd15": SD15Encoder, "wan": WanEncoder}
 
 
