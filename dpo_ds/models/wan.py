@@ -185,7 +185,11 @@ class Wan(Family):
         from diffusers import WanTransformer3DModel
 
         transformer = WanTransformer3DModel.from_config(transformer_config)
-        transformer.load_state_dict(state_dict, strict=True)
+        # The rotary embedding's tables are non-persistent buffers, computed from the config: a state dict of
+        # every named buffer (dpo_ds.engine.Policy.full_state_dict) carries them, the transformer's does not.
+        persistent = transformer.state_dict().keys()
+        computed = {name for name, _ in transformer.named_buffers()} - persistent
+        transformer.load_state_dict({k: v for k, v in state_dict.items() if k not in computed}, strict=True)
         if dtype != torch.float32:
             transformer = transformer.to(dtype)
         transformer.save_pretrained(out_dir, safe_serialization=True)
