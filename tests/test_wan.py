@@ -169,6 +169,19 @@ def test_pair_errors_train_every_parameter_with_block_checkpointing(transformer)
     assert math.isclose(e_w[1].item(), (pred - target[1:2]).pow(2).mean().item(), rel_tol=1e-4)
 
 
+def test_synthetic_conditioning_fills_the_prompt_and_samples_as_training_conditions_a_winner(transformer):
+    family = Wan.tiny(64)
+    g = torch.Generator().manual_seed(0)
+    sample = family.synthetic_conditioning(TINY_TRANSFORMER_CONFIG, 64, g, torch.float16)
+    assert {n: tuple(t.shape) for n, t in sample.items()} == {"prompt_embeds": (TEXT_SEQ_LEN, TEXT_DIM)}
+    sample |= {"latents_w": torch.randn(LATENT, generator=g).half(), "latents_l": torch.randn(LATENT, generator=g).half()}
+    x, t = torch.randn(2, *LATENT, generator=g), torch.tensor([0.4, 0.4], dtype=torch.float64)
+    with torch.no_grad():
+        pair = family.predict(transformer, x, t, {n: v[None].float() for n, v in sample.items()}, torch.float32)
+        sampled = transformer(x[:1], t[:1].float() * 1000, **family.sampling_kwargs(sample, 1, torch.float32)).sample
+    assert torch.allclose(sampled[0], pair[0], atol=1e-5)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
 def test_xformers_asked_for_but_missing_is_a_clear_error(transformer):
     with pytest.raises(ValueError, match="xformers is not installed"):

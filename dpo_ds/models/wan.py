@@ -98,7 +98,7 @@ class Wan(Family):
     PROMPT_TENSORS = ("prompt_embeds",)
     DRAWS_SIGMA = True  # reads model.flow_shift, sigma_density, logit_mean, logit_std (dpo_ds.config)
     BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
-    # The names the model-family contract of branch `fam` gives the toy model (unused on main).
+    # The toy model (Family's contract).
     TINY_DENOISER_CONFIG = TINY_TRANSFORMER_CONFIG
     SCHEDULER_CONFIG = WAN_SCHEDULER_CONFIG
 
@@ -211,7 +211,7 @@ class Wan(Family):
         return pipe
 
     def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
-        """The transformer's conditioning for n samples conditioned as `sample`'s winner (branch `fam`'s contract)."""
+        """The transformer's conditioning for n samples conditioned as `sample`'s winner."""
         return {"encoder_hidden_states": sample["prompt_embeds"][None].expand(n, -1, -1).to(dtype)}
 
     # ------------------------------------------------------------ data
