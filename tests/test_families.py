@@ -1,6 +1,6 @@
-"""Every family other than SDXL end to end through the real `deepspeed` launcher: 2 CPU processes,
-ZeRO-3, the live offloaded reference and then the reference cache (with empty-prompt dropout, which the
-cache must reproduce), export loaded back with diffusers.
+"""Every family other than SDXL (the image family SD 1.5, the video transformer Wan) end to end through the
+real `deepspeed` launcher: 2 CPU processes, ZeRO-3, the live offloaded reference and then the reference
+cache (with empty-prompt dropout, which the cache must reproduce), export loaded back with diffusers.
 (SDXL's runs are tests/test_e2e.py and tests/test_reference_cache.py.)"""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from conftest import REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
+from dpo_ds.models import family_class
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["sd15"]
+FAMILIES = ["sd15", "wan"]
 MAX_STEPS = 3  # 16 pairs / (2 ranks x 2 pairs) = 4 micro-batches per epoch: all at draw index 0
 
 
@@ -39,7 +40,9 @@ def test_family_trains_live_and_cached_alike_and_exports(family, tmp_path):
                    check=True, env=env(), capture_output=True)
     # beta 10: at beta 500 Adam's first steps amplify float32 rounding between the live and cached errors.
     # Half the pairs train on the empty prompt: the cache holds the errors of exactly those draws.
-    sections = dict(model={"pretrained_path": str(data / "model"), "family": family}, dpo={"beta": 10.0},
+    # Wan's σ from the logit-normal density (uniform is the default): the law the cache must reproduce.
+    law = {"sigma_density": "logit_normal"} if family == "wan" else {}
+    sections = dict(model={"pretrained_path": str(data / "model"), "family": family, **law}, dpo={"beta": 10.0},
                     data={"empty_prompt_prob": 0.5},
                     train={"max_steps": MAX_STEPS}, checkpoint={"every_steps": 100})
     live_cfg = write_run_config(tmp_path / "live.yaml", data, tmp_path / "live", **sections)
@@ -61,13 +64,15 @@ def test_family_trains_live_and_cached_alike_and_exports(family, tmp_path):
         for (_, a), (_, b) in zip(live[name], cache[name]):
             assert math.isfinite(a) and b == pytest.approx(a, rel=1e-4), (name, live[name], cache[name])
 
-    from diffusers import UNet2DConditionModel
-
-    initial = _weights(data / "model" / "unet")
+    cls = family_class(family)
+    initial = _weights(data / "model" / cls.DENOISER_SUBFOLDER)
     for run in ("live", "cache"):
-        trained = _weights(tmp_path / run / "export" / "unet")
+        exported = tmp_path / run / "export" / cls.DENOISER_SUBFOLDER
+        trained = _weights(exported)
         assert trained.keys() == initial.keys()
         unmoved = [n for n in initial if torch.equal(initial[n], trained[n])]
         assert not unmoved, f"{run}: {len(unmoved)} parameters did not move: {unmoved[:5]}"
-        unet = UNet2DConditionModel.from_pretrained(str(tmp_path / run / "export" / "unet"))
-        assert unet.config.addition_embed_type is None and unet.config.cross_attention_dim == 32
+        # diffusers' from_pretrained of the family's class loads it back, and it is the family's tiny model
+        denoiser = cls.denoiser_from_folder(str(exported), torch.float32)
+        public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+        assert public(denoiser.config) == public(cls.denoiser_from_config(cls.TINY_DENOISER_CONFIG).config)

@@ -37,14 +37,22 @@ def write_model(out_dir: str, seed: int, family: str = "sdxl", scheduler_config:
 
 
 def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resolution: int, seed: int,
-                 signal: float = 0.0, family: str = "sdxl") -> str:
-    """Random pairs whose tensors match what the family's tiny denoiser expects.
+                 signal: float = 0.0, family: str = "sdxl", latent_frames: int = 2) -> str:
+    """Random pairs whose tensors match what the family's tiny denoiser expects; a video family's
+    clips (whose schema leaves the latent shape open) are [C, latent_frames, R/8, R/8].
 
     signal > 0 gives the pairs a learnable preference: latent channel 0 is
     shifted by +signal in winners and by -signal in losers.
     """
     spec = family_class(family).tiny(resolution)
     schema = spec.sample_schema(spec.TINY_DENOISER_CONFIG)
+    for name in ("latents_w", "latents_l"):
+        if schema[name] is None:
+            side = resolution // 8
+            schema[name] = ((int(spec.TINY_DENOISER_CONFIG["in_channels"]), latent_frames, side, side)
+                            if spec.LATENT_LAYOUT == "CFHW" else None)
+        if schema[name] is None:
+            raise ValueError(f"family {family}: its schema gives {name} no shape to draw")
     g = torch.Generator().manual_seed(seed)
     with ShardWriter(out_dir, max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
@@ -71,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=64, help="pixel resolution; latents are resolution/8 per side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--family", choices=sorted(FAMILIES), default="sdxl", help="model family of the model and shards")
+    p.add_argument("--latent-frames", type=int, default=2, help="latent frames of each clip (video families)")
     p.add_argument("--signal", type=float, default=0.0,
                    help="shift of latent channel 0, + in winners and - in losers (0: no learnable preference)")
     args = p.parse_args(argv)
     write_model(os.path.join(args.out, "model"), args.seed, family=args.family)
     write_shards(os.path.join(args.out, "shards"), num_pairs=args.num_pairs, pairs_per_shard=args.pairs_per_shard,
-                 resolution=args.resolution, seed=args.seed, signal=args.signal, family=args.family)
+                 resolution=args.resolution, seed=args.seed, signal=args.signal, family=args.family,
+                 latent_frames=args.latent_frames)
     print(f"wrote {args.num_pairs} pairs to {args.out}/shards and a tiny model to {args.out}/model")
     return 0
 
