@@ -40,6 +40,12 @@ log = logging.getLogger("dpo_ds")
 # (sys.prefix is the venv; torch reads the variable when it builds). An explicit TORCH_EXTENSIONS_DIR wins.
 if os.access(sys.prefix, os.W_OK):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+# torch builds with the first `ninja` on PATH. The environment's own (pip's) and the system's differ in
+# version and ninja log, so a process started without the venv's bin/ on PATH (`.venv/bin/python ...`)
+# would rebuild what one started with it built (about 45 s on 2 cores), and the other way round.
+_bin = os.path.dirname(sys.executable)
+if os.path.isfile(os.path.join(_bin, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"

@@ -540,16 +540,18 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
 
     report = out / "report"
     report.mkdir()
-    tags = sorted((out / "dpo" / "checkpoints").glob("step_*"))
+    # The last step's checkpoint holds the exported weights: the export's samples stand for it.
+    steps = [int(tag.name.split("_")[1]) for tag in sorted((out / "dpo" / "checkpoints").glob("step_*"))]
+    steps = [step for step in steps if step != args.dpo_steps]
     unets = []
-    for tag in tags:
+    for step in steps:
         unet = UNet2DConditionModel.from_config(ref_unet.config)
-        unet.load_state_dict(consolidated_state_dict(str(out / "dpo" / "checkpoints"), tag.name))
+        unet.load_state_dict(consolidated_state_dict(str(out / "dpo" / "checkpoints"), f"step_{step:08d}"))
         unets.append(unet.eval())
     unets.append(UNet2DConditionModel.from_pretrained(str(out / "dpo" / "export" / "unet")).eval())
     *ckpt_samples, pol_samples = demo.sample(unets, "sampling")
-    rate_curve = [(0, ref_rate, ref_rate)] + [(int(tag.name.split("_")[1]), _rate(x, args.prefer), ref_rate)
-                                              for tag, x in zip(tags, ckpt_samples)]
+    rate_curve = [(0, ref_rate, ref_rate)] + [(step, _rate(x, args.prefer), ref_rate)
+                                              for step, x in zip(steps + [args.dpo_steps], [*ckpt_samples, pol_samples])]
     summary = summarise(pol_samples, ref_samples, args.prefer, curves, log)
     diff, (lo, hi), last = summary["difference"], summary["ci95"], summary["final"]
     on_manifold = {"reference": ref_near, "policy": summary["on_manifold"]}
