@@ -199,9 +199,10 @@ def two_ranks_match_one(world, num_rows: int) -> None:
     index = json.loads((root / "two" / "index.json").read_text())
     assert len(index["shards"]) == 3  # the last rank to finish published every chunk
     # The per-rank indexes merge with their keys, which training's start-up check reads instead of the tars.
-    assert index["format"] == "dpo_ds.shards/2"
+    assert index["format"] == "dpo_ds.shards/3"
     for entry in index["shards"]:
         assert entry["keys"] == [key for key, _ in data.tar_samples(str(root / "two" / entry["name"]))]
+        assert len(entry["shape"]) in (3, 4)  # each shard's latent shape: its shape bucket
 
 
 def test_two_ranks_write_the_same_pairs_as_one(world):
