@@ -175,6 +175,14 @@ class PreparedPair:
     geometry_l: Geometry
     source: dict
     has_mismatched_sizes: bool
+    bucket: tuple[int, int] | None = None  # the (height, width) both images were cropped to, with RowSpec.buckets
+
+
+def nearest_bucket(height: int, width: int, buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The (height, width) of `buckets` nearest an image's aspect ratio (in log scale, so 1:2 and 2:1 are
+    equally far from 1:1); the first listed wins a tie."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - aspect), buckets.index(b)))
 
 
 def _field(row: dict, column: str) -> object:
@@ -250,6 +258,7 @@ class RowSpec:
     resolution: int | tuple[int, int]
     random_crop_seed: int | None  # None: center crop
     drop_mismatched_sizes: bool
+    buckets: tuple[tuple[int, int], ...] | None = None  # images: (height, width) targets, instead of resolution
 
 
 def _read_row(spec: RowSpec, manifest_path: str, row: dict) -> tuple[str, list[float], list[bytes], str]:
@@ -304,14 +313,17 @@ def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> Pre
     winner = 0 if labels[0] > labels[1] else 1
     order = (winner, 1 - winner)
     crop_seeds = _crop_seeds(spec, key)
+    # With buckets, both images go to the bucket nearest the winner's aspect ratio (a batch holds one shape).
+    bucket = nearest_bucket(images[winner].height, images[winner].width, spec.buckets) if spec.buckets else None
     (pixels_w, geometry_w), (pixels_l, geometry_l) = (
-        resize_and_crop(images[i], spec.resolution, seed) for i, seed in zip(order, crop_seeds))
+        resize_and_crop(images[i], bucket or spec.resolution, seed) for i, seed in zip(order, crop_seeds))
     source = {"manifest": os.path.basename(manifest_path), "row": index, "winner": spec.image_columns[winner],
               "labels": labels, "crop": "center" if spec.random_crop_seed is None else "random",
               "crop_seeds": crop_seeds, "original_sizes": [list(images[i].size[::-1]) for i in order]}
     if spec.key_column is not None:
         source["id"] = key
-    return PreparedPair(key, index, caption, pixels_w, pixels_l, geometry_w, geometry_l, source, has_mismatched_sizes)
+    return PreparedPair(key, index, caption, pixels_w, pixels_l, geometry_w, geometry_l, source, has_mismatched_sizes,
+                        bucket)
 
 
 # ---------------------------------------------------------------- one row of videos -> one prepared pair
