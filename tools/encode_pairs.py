@@ -30,9 +30,10 @@ Shape buckets (image families): --buckets HxW [HxW ...] replaces the square --re
 bucket nearest its winner's aspect ratio, both images resized to cover it and cropped (as --crop says); SDXL's
 time_ids record each image's original size, crop and the bucket's size. Each bucket of chunk C is written to
 its own shards, PREFIX-CCCCCC-HxW-NNNNNN.tar, so index.json records one latent shape per shard (docs/design.md
-§4), and training with data.resolution: null batches them one shape at a time (§6). Clips of several shapes:
-encode each (--num-frames, --height, --width) into its own --out, from disjoint manifests, and list every
-folder in data.shards; the loader buckets them the same way.
+§4), and training with data.resolution: null batches them one shape at a time (§6). Video families:
+--buckets FxHxW [FxHxW ...] replaces --num-frames, --height and --width: the (H, W) nearest the winner's aspect
+ratio, then the most frames F of that size both videos fill at --fps (else the fewest, padded or dropped as
+--short-clips says); shards PREFIX-CCCCCC-FxHxW-NNNNNN.tar.
 
 Chunk C is rows [C*N, (C+1)*N) of the manifests (N = --pairs-per-shard) and goes to rank
 C % world_size. Shards depend on the chunk alone, so any world size writes the same files,
@@ -97,9 +98,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="video families: video bytes or paths (relative to the manifest or --image-root)")
     p.add_argument("--image-root", default=None, help="folder that relative image (or video) paths start from")
     p.add_argument("--resolution", type=int, default=1024, help="square target side in pixels")
-    p.add_argument("--buckets", nargs="+", default=None, metavar="HxW",
-                   help="image families: target sizes (height x width, pixels) instead of --resolution; each pair "
-                   "goes to the one nearest its winner's aspect ratio, e.g. 1024x1024 896x1152 1152x896")
+    p.add_argument("--buckets", nargs="+", default=None, metavar="HxW|FxHxW",
+                   help="target sizes instead of --resolution (images: HEIGHTxWIDTH, e.g. 1024x1024 896x1152 "
+                   "1152x896) or --num-frames, --height, --width (videos: FRAMESxHEIGHTxWIDTH, e.g. 33x480x832 "
+                   "81x480x832); each pair goes to the size nearest its winner's aspect ratio, and a video pair "
+                   "to the most frames of it that both videos fill")
     p.add_argument("--height", type=int, default=None, help="video families: frame height (default --resolution)")
     p.add_argument("--width", type=int, default=None, help="video families: frame width (default --resolution)")
     p.add_argument("--num-frames", type=int, default=81, help="video families: frames per clip (Wan: 4k + 1)")
@@ -141,15 +144,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--height and --width are for video families; images are square, use --resolution")
     args.height, args.width = args.height or args.resolution, args.width or args.resolution
     if args.buckets is not None:
-        if args.is_video:
-            p.error("--buckets is for image families; for clips of several shapes, encode each shape into its own "
-                    "--out and list the folders in data.shards")
         try:
             args.buckets = [tuple(int(x) for x in b.lower().split("x")) for b in args.buckets]
         except ValueError:
             args.buckets = [()]
-        if any(len(b) != 2 or min(b) < 1 for b in args.buckets) or len(set(args.buckets)) != len(args.buckets):
-            p.error("--buckets takes distinct HEIGHTxWIDTH sizes in pixels, e.g. 1024x1024 896x1152")
+        rank = 3 if args.is_video else 2
+        if any(len(b) != rank or min(b) < 1 for b in args.buckets) or len(set(args.buckets)) != len(args.buckets):
+            p.error("--buckets takes distinct " + ("FRAMESxHEIGHTxWIDTH sizes, e.g. 33x480x832 81x480x832"
+                    if args.is_video else "HEIGHTxWIDTH sizes in pixels, e.g. 1024x1024 896x1152"))
     if min(args.height, args.width, args.num_frames, args.max_sequence_length) < 1 or not args.fps > 0:
         p.error("--height, --width, --num-frames, --max-sequence-length must be >= 1 and --fps > 0")
     if not 0.0 <= args.val_fraction < 1.0:
@@ -209,7 +211,7 @@ class Encoder:
         # One writer per split and bucket (None: no buckets), so each shard holds one latent shape.
         buckets = args.buckets or [None]
         writers = {(split, bucket): ShardWriter(os.path.join(stage, split),
-                                                prefix if bucket is None else f"{prefix}-{bucket[0]}x{bucket[1]}",
+                                                prefix if bucket is None else f"{prefix}-{'x'.join(map(str, bucket))}",
                                                 args.pairs_per_shard, args.max_shard_bytes)
                    for split in splits for bucket in buckets}
         with ThreadPoolExecutor(args.num_workers) as pool, contextlib.ExitStack() as stack:
@@ -269,8 +271,11 @@ class Encoder:
     def _write_batch(self, batch: list, writers: dict[tuple, ShardWriter], stats: ChunkStats) -> None:
         args = self.args
         bucket = getattr(batch[0], "bucket", None)
-        source = ({"resolution": [args.height, args.width], "num_frames": args.num_frames, "fps": args.fps}
-                  if args.is_video else args.resolution if bucket is None else list(bucket))
+        if args.is_video:
+            frames, height, width = bucket or (args.num_frames, args.height, args.width)
+            source = {"resolution": [height, width], "num_frames": frames, "fps": args.fps}
+        else:
+            source = args.resolution if bucket is None else list(bucket)
         samples = self.encoder.samples(batch, self.store_dtype, source)
         for pair, (tensors, meta) in zip(batch, samples):
             is_val = args.val_out is not None and key_fraction(pair.key) < self.args.val_fraction
@@ -385,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.image_root, (args.height, args.width) if args.is_video else args.resolution,
                        args.seed if args.crop == "random" else None, args.mismatched_sizes == "drop",
                        tuple(args.buckets) if args.buckets else None)
-        clip = ClipSpec(args.num_frames, Fraction(str(args.fps)), args.short_clips == "pad") if args.is_video else None
+        clip = ClipSpec(args.num_frames, Fraction(str(args.fps)), args.short_clips == "pad",
+                        tuple(args.buckets) if args.buckets else None) if args.is_video else None
         # Everything a stored sample depends on; a resumed run must match it field by field.
         settings = {"manifests": manifest.fingerprint(), "columns": columns, "resolution": args.resolution,
                     "crop": args.crop, "seed": args.seed if args.crop == "random" else None,
@@ -422,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                     nearest = 1 + temporal * max(1, (args.num_frames - 1) // temporal)
                     raise ValueError(f"--num-frames {args.num_frames} must be 1 + a multiple of the VAE's temporal "
                                      f"scale factor {temporal}, e.g. {nearest}")
+                for frames, height, width in args.buckets or []:
+                    if height % spatial or width % spatial or (frames - 1) % temporal:
+                        raise ValueError(f"--buckets {frames}x{height}x{width}: frames must be 1 + a multiple of the "
+                                         f"VAE's temporal scale factor {temporal}, height and width multiples of "
+                                         f"its spatial scale factor {spatial}")
             else:
                 encoder = encoder_class(args.family)(args.model, args.vae, device, dtype)
                 if args.resolution % encoder.vae_scale_factor:
