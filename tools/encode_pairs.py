@@ -26,7 +26,7 @@ With --family wan, one sample per pair of videos (latent_layout "CFHW"):
   --num-frames are dropped ("short video") or, with --short-clips pad, end in repeats of their last frame.
 KEY is the --key-column value, else a hash of the caption and both files' bytes.
 
-Shape buckets (image families): --buckets HxW [HxW ...] replaces the square --resolution. Each pair goes to the
+Shape buckets: image families take --buckets HxW [HxW ...] replaces the square --resolution. Each pair goes to the
 bucket nearest its winner's aspect ratio, both images resized to cover it and cropped (as --crop says); SDXL's
 time_ids record each image's original size, crop and the bucket's size. Each bucket of chunk C is written to
 its own shards, PREFIX-CCCCCC-HxW-NNNNNN.tar, so index.json records one latent shape per shard (docs/design.md
