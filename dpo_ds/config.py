@@ -91,8 +91,10 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     shards: str | list[str]
     """Shards to train on: a .tar path, a brace pattern, a directory, a `pipe:` URL, or a list of these."""
-    resolution: int = 1024
-    """Image resolution in pixels the latents were encoded at (latent side = resolution / model.vae_scale_factor)."""
+    resolution: int | None = 1024
+    """Image resolution in pixels the latents were encoded at (latent side = resolution / model.vae_scale_factor).
+    null: latents of any shape, for image shards of several sizes (tools/encode_pairs.py --buckets), which the
+    loader batches one shape at a time (shape buckets, docs/design.md §6)."""
     num_workers: int = Field(2, ge=0)
     """Loader worker processes per rank; they also draw each pair's timestep and noise."""
     shuffle_buffer: int = Field(256, ge=1)

@@ -6,9 +6,10 @@ exactly two members per key:
                     "label", "source"}
   KEY.safetensors  latents_w, latents_l (float16/bfloat16, same shape) + the family's conditioning
 Beside the shards, index.json:
-  {"format": "dpo_ds.shards/2", "shards": [{"name", "num_pairs", "size_bytes", "keys": [str]}, ...]}
-  (dpo_ds.shards/1, without "keys", is still read; its keys are then read from the tar headers
-  when the start-up check needs them.)
+  {"format": "dpo_ds.shards/3", "shards": [{"name", "num_pairs", "size_bytes", "keys": [str], "shape": [int]}, ...]}
+  ("shape": the latents' shape shared by every pair of the shard, absent when they differ; the loader's
+  shape buckets, PairLoader. dpo_ds.shards/2, without "shape", and /1, without "keys" either, are still
+  read; keys missing are then read from the tar headers when the start-up check needs them.)
 A key repeated inside one tar (after its first sample, consecutive or not) is a bad sample:
 the first sample with the key is kept, every repeat is counted bad and named with key and shard.
 
@@ -56,8 +57,8 @@ log = logging.getLogger("dpo_ds.data")
 
 INDEX_NAME = "index.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"  # beside index.json: the family's conditioning of the prompt ""
-INDEX_FORMAT = "dpo_ds.shards/2"
-INDEX_FORMATS = ("dpo_ds.shards/1", INDEX_FORMAT)  # read; /1 has no "keys"
+INDEX_FORMAT = "dpo_ds.shards/3"
+INDEX_FORMATS = ("dpo_ds.shards/1", "dpo_ds.shards/2", INDEX_FORMAT)  # read; /1 has no "keys", /1 and /2 no "shape"
 MEMBER_EXTENSIONS = ("json", "safetensors")
 LATENT_NAMES = ("latents_w", "latents_l")
 LATENT_DTYPES = (torch.float16, torch.bfloat16)
@@ -158,6 +159,7 @@ class ShardWriter:
         self._index_entries: list[dict] = []
         self._file = self._tar = None
         self._shard_keys: list[str] = []
+        self._shard_shapes: set[tuple[int, ...]] = set()  # the open shard's latent shapes
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -201,9 +203,10 @@ class ShardWriter:
             self._file = open(os.path.join(self.out_dir, name + ".tmp"), "wb")
             # encoder=False: bytes in, bytes out (no handler, so nothing is ever pickled); no time, owner or group.
             self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
-            self._shard_keys = []
+            self._shard_keys, self._shard_shapes = [], set()
         self._tar.write({"__key__": key, **members})  # members in sorted order: KEY.json, KEY.safetensors
         self._shard_keys.append(key)
+        self._shard_shapes.add(tuple(tensors["latents_w"].shape))
         self._keys.add(key)
 
     def _finish_shard(self) -> None:
@@ -211,8 +214,11 @@ class ShardWriter:
         self._file.close()
         path = self._file.name[: -len(".tmp")]
         os.replace(self._file.name, path)
-        self._index_entries.append({"name": os.path.basename(path), "num_pairs": len(self._shard_keys),
-                                    "size_bytes": os.path.getsize(path), "keys": list(self._shard_keys)})
+        entry = {"name": os.path.basename(path), "num_pairs": len(self._shard_keys),
+                 "size_bytes": os.path.getsize(path), "keys": list(self._shard_keys)}
+        if len(self._shard_shapes) == 1:  # the shard's shape bucket (PairLoader); none when its pairs differ
+            entry["shape"] = list(next(iter(self._shard_shapes)))
+        self._index_entries.append(entry)
         self._file = self._tar = None
 
     def close(self) -> None:
@@ -238,6 +244,7 @@ class ShardInfo:
     url: str
     num_pairs: int
     size_bytes: int  # -1 when unknown (pipe: URLs)
+    shape: tuple[int, ...] | None = None  # the latents' shape of every pair, from index.json; None when unknown
 
 
 def read_index(index_path: str) -> dict[str, dict]:
@@ -255,6 +262,11 @@ def read_index(index_path: str) -> dict[str, dict]:
             # Keys that disagree with the count are not trusted; the start-up check then reads the tar headers.
             if isinstance(e.get("keys"), list) and len(e["keys"]) == e["num_pairs"]:
                 entries[e["name"]]["keys"] = e["keys"]
+            shape = e.get("shape")
+            if shape is not None:
+                if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+                    raise ValueError(f"shard {e['name']}: shape {shape!r} is not a list of positive ints")
+                entries[e["name"]]["shape"] = tuple(shape)
         return entries
     except (ValueError, KeyError, TypeError) as e:
         log.warning("%s is not a %s index (%r); counting pairs from the tar headers", index_path, INDEX_FORMAT, e)
@@ -351,7 +363,7 @@ def list_shards(spec: str | list[str], check: bool = False) -> list[ShardInfo]:
                 log.warning("shard %s has %d bytes, %s says %d: cut short; the pairs it lost will count as bad",
                             url, size, index_path, entry["size_bytes"])
             keys_of[url] = entry.get("keys")
-            shards.append(ShardInfo(url, int(entry["num_pairs"]), size))
+            shards.append(ShardInfo(url, int(entry["num_pairs"]), size, entry.get("shape")))
             continue
         if entry is not None:
             log.warning("shard %s has %d bytes, %s says %d; counting its pairs",
@@ -517,6 +529,40 @@ def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
+def _turns(quotas: list[int]) -> list[int]:
+    """The worker each of an epoch's batches comes from: the DataLoader's turns (see _round_robin_resume)."""
+    turns, remaining, worker = [], list(quotas), 0
+    while any(remaining):
+        if remaining[worker]:
+            remaining[worker] -= 1
+            turns.append(worker)
+        worker = (worker + 1) % len(quotas)
+    return turns
+
+
+def _cut(pieces: list[_Piece], lo: int, hi: int) -> list[_Piece]:
+    """The pairs at positions [lo, hi) of the pieces' pairs taken one after the other, as pieces."""
+    out, offset = [], 0
+    for piece in pieces:
+        start, stop = max(lo - offset, 0), min(hi - offset, piece.num_pairs)
+        if start < stop:
+            out.append(_Piece(piece.shard, piece.excluded, piece.start + start, piece.start + stop))
+        offset += piece.num_pairs
+    return out
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """One loader slot's share of an epoch of several shape buckets: its pieces of shards per bucket,
+    and the bucket of each of its batches, in the order the slot yields them."""
+    pieces: dict[tuple[int, ...] | None, list[_Piece]]
+    order: tuple[tuple[int, ...] | None, ...]
+
+
+def _bucket_sort_key(shape: tuple[int, ...] | None) -> tuple:
+    return (0, ()) if shape is None else (1, shape)
+
+
 class PairLoader:
     """Batches of pairs for one rank, split over ranks and loader workers without overlap.
 
@@ -535,6 +581,20 @@ class PairLoader:
 
     Tensors whose schema shape is None may have any shape, but one worker's pairs in one epoch
     must agree (a batch is stacked); a pair that differs from the worker's first is bad.
+
+    Shape buckets. A shard's latent shape comes from index.json ("shape", ShardInfo.shape). When the
+    shards record one shape (or none) the plan is the one above, unchanged, shards that record none
+    included. When they record several, shards that record none form one more bucket (read with the
+    rule above), and each bucket is planned on its own; no batch mixes buckets: the epoch's shuffled shard order, restricted to the bucket,
+    is dealt round robin to the ranks; the bucket gives every rank n_b batches, the least any rank can
+    get under any shuffle (whole batches; the rest of the bucket is left over in that epoch); with
+    `exclude`, the bucket's remaining pairs are cut into equal contiguous runs, one per rank. Every rank
+    takes sum_b n_b batches in an epoch, in one bucket order drawn from (seed, epoch) and identical on
+    every rank, so all ranks run the same shape at the same step (it matters for speed, not for
+    correctness: ranks of one step wait for the slowest). A rank's pairs of a bucket, in shard and tar
+    order, are cut into contiguous runs, one per loader worker, sized by the batches of that bucket
+    that fall on the worker's turns; a worker reads each of its buckets through its own shuffle buffer.
+    A pair whose latents differ from its shard's recorded shape is bad (counted and named).
     """
 
     def __init__(self, shards: list[ShardInfo], *, batch_size: int, rank: int, world_size: int, seed: int,
@@ -567,6 +627,32 @@ class PairLoader:
         self.excluded: dict[str, list[str]] | None = None
         self.pairs_read = self.pairs_bad = 0  # this rank's, good and bad (summed over ranks when judged)
 
+        # A shard without a recorded shape (an older index, a pipe: URL, no entry) is read as before buckets:
+        # with one recorded shape (or none) there is one bucket; only among several is it a bucket of its own.
+        shapes = {s.shape for s in self.shards}
+        known = sorted(shapes - {None})
+        self.buckets = sorted(shapes, key=_bucket_sort_key) if len(known) > 1 else known[:1] or [None]
+        if len(self.buckets) > 1:
+            self.bucket_batches = {}
+            for bucket in self.buckets:
+                # Rank r holds len(range(r, n, W)) of the bucket's shards whatever the shuffle; its worst case
+                # is the smallest ones.
+                counts = sorted(s.num_pairs for s in self.shards if s.shape == bucket)
+                self.bucket_batches[bucket] = min(sum(counts[: len(range(r, len(counts), world_size))]) // batch_size
+                                                  for r in range(world_size))
+                if self.bucket_batches[bucket] == 0:
+                    log.warning("shape bucket %s: %d pairs in %d shards cannot give a batch of %d to each of %d ranks "
+                                "in every shuffle; they are left over every epoch", bucket, sum(counts), len(counts),
+                                batch_size, world_size)
+            self.batches_per_epoch = sum(self.bucket_batches.values())
+            if self.batches_per_epoch == 0:
+                raise ValueError(f"no shape bucket of {len(self.shards)} shards can give a batch of {batch_size} to "
+                                 f"every rank in every shuffle; use a smaller batch, fewer ranks or more data")
+            if rank == 0:
+                log.info("%d shape buckets, batches per rank per epoch: %s", len(self.buckets),
+                         ", ".join(f"{b}: {n}" for b, n in self.bucket_batches.items()))
+            return
+
         # Slot s holds len(range(s, n, S)) shards whatever the shuffle; its worst case is the
         # smallest ones. Per-slot floors make this a lower bound on every rank's batches.
         num_slots = world_size * self.num_slots_per_rank
@@ -585,8 +671,16 @@ class PairLoader:
         batches_per_epoch when exclude is None."""
         if exclude is None:
             return self.batches_per_epoch
+        if len(self.buckets) > 1:
+            return sum(self._bucket_remaining(exclude).values())
         num_remaining = sum(self._remaining(exclude).values())
         return num_remaining // (self.world_size * self.batch_size)
+
+    def _bucket_remaining(self, exclude: dict[str, list[str]]) -> dict[tuple[int, ...] | None, int]:
+        """Batches per rank of each shape bucket in an epoch planned without `exclude`."""
+        remaining = self._remaining(exclude)
+        return {bucket: sum(remaining[s.url] for s in self.shards if s.shape == bucket)
+                // (self.world_size * self.batch_size) for bucket in self.buckets}
 
     def num_left_over(self, exclude: dict[str, list[str]]) -> int:
         """Pairs outside `exclude` that an epoch planned without them leaves over, all ranks."""
@@ -610,6 +704,8 @@ class PairLoader:
         """This rank's (pieces of shards, batch quota) per worker in this epoch; quotas sum to num_batches."""
         order = list(self.shards)
         random.Random(_seed_of(self.seed, epoch)).shuffle(order)
+        if len(self.buckets) > 1:
+            return self._bucket_plan(epoch, order, exclude)
         if exclude is not None:
             return self._remainder_plan(order, exclude)
         num_slots = self.world_size * self.num_slots_per_rank
@@ -620,6 +716,42 @@ class PairLoader:
         for _ in range(sum(quotas) - self.batches_per_epoch):
             quotas[max(range(len(quotas)), key=lambda w: (quotas[w], w))] -= 1
         return [([_Piece(s) for s in shards], quota) for shards, quota in zip(plan, quotas)]
+
+    def _bucket_plan(self, epoch: int, order: list[ShardInfo],
+                     exclude: dict[str, list[str]] | None) -> list[tuple[_Schedule, int]]:
+        """(a _Schedule, batch quota) per worker of an epoch of several shape buckets (the class docstring)."""
+        runs: dict[tuple[int, ...] | None, list[_Piece]] = {}  # this rank's pairs of each bucket, in order
+        if exclude is None:
+            num_batches = self.bucket_batches
+            for bucket in self.buckets:
+                shards = [s for s in order if s.shape == bucket]
+                runs[bucket] = [_Piece(s) for s in shards[self.rank :: self.world_size]]
+        else:
+            num_batches = self._bucket_remaining(exclude)
+            remaining = self._remaining(exclude)
+            excluded = {url: frozenset(keys) for url, keys in exclude.items()}
+            for bucket in self.buckets:
+                pieces = [_Piece(s, excluded.get(s.url, frozenset()), 0, remaining[s.url])
+                          for s in order if s.shape == bucket]
+                run = num_batches[bucket] * self.batch_size
+                runs[bucket] = _cut(pieces, self.rank * run, (self.rank + 1) * run)
+        # One bucket order for every rank: a pure function of (seed, epoch) and the buckets' batch counts.
+        sequence = [bucket for bucket in self.buckets for _ in range(num_batches[bucket])]
+        random.Random(_seed_of(self.seed, epoch, "buckets")).shuffle(sequence)
+        total, num_slots = len(sequence), self.num_slots_per_rank
+        quotas = [total // num_slots + (w < total % num_slots) for w in range(num_slots)]
+        turns = _turns(quotas)
+        orders = [[b for b, w in zip(sequence, turns) if w == worker] for worker in range(num_slots)]
+        plan, lo = [], {bucket: 0 for bucket in self.buckets}
+        for worker in range(num_slots):
+            pieces = {}
+            for bucket in self.buckets:
+                hi = lo[bucket] + orders[worker].count(bucket) * self.batch_size
+                if hi > lo[bucket]:
+                    pieces[bucket] = _cut(runs[bucket], lo[bucket], hi)
+                lo[bucket] = hi
+            plan.append((_Schedule(pieces, tuple(orders[worker])), quotas[worker]))
+        return plan
 
     def _remainder_plan(self, order: list[ShardInfo], exclude: dict[str, list[str]]) -> list[tuple[list[_Piece], int]]:
         """The pairs outside `exclude` in shard order, cut into one contiguous run per slot: rank r
@@ -751,40 +883,65 @@ class _EpochPairs(IterableDataset):
         worker = info.id if info is not None else 0
         pieces, quota, num_skip = self.plan[worker]
         slot = (self.first_slot + worker) % len(self.plan)
-        return self._batches(slot, pieces, quota, num_skip) if quota else iter(())
+        if not quota:
+            return iter(())
+        if isinstance(pieces, _Schedule):
+            return self._scheduled(slot, pieces, num_skip)
+        return self._batches(slot, pieces, quota, num_skip)
 
-    def _batches(self, slot: int, pieces: list[_Piece], quota: int, num_skip: int) -> Iterator[dict]:
+    def _scheduled(self, slot: int, schedule: _Schedule, num_skip: int) -> Iterator[dict]:
+        """A slot's batches of several shape buckets in the schedule's order, from batch num_skip on."""
+        done = schedule.order[:num_skip]
+        streams = {bucket: self._batches(slot, pieces, schedule.order.count(bucket), done.count(bucket), bucket)
+                   for bucket, pieces in schedule.pieces.items()}
+        try:
+            for bucket in schedule.order[num_skip:]:
+                yield next(streams[bucket])
+        finally:
+            for stream in streams.values():
+                stream.close()
+
+    def _batches(self, slot: int, pieces: list[_Piece], quota: int, num_skip: int,
+                 bucket: tuple[int, ...] | None | str = "") -> Iterator[dict]:
+        """bucket: the shape bucket these pieces are (seeds the shuffle); "" when the epoch has one."""
         batch_size = self.cfg.batch_size
-        good = self._good_samples(pieces, random.Random(_seed_of(self.cfg.seed, self.epoch, self.cfg.rank, slot)))
-        earliest: list[dict] = []  # repeated, in order, when bad samples leave the quota short
-        num_padded_total = 0
-        for batch_index in range(quota):
-            samples, num_padded = [], 0
-            while len(samples) < batch_size:
-                sample = next(good, None)
-                if sample is None:
-                    if not earliest:  # not one good pair: the batch stays empty, and the trainer stops
-                        if batch_index == 0:
-                            log.warning("rank %d worker %d found no good pair in epoch %d in shards %s",
-                                        self.cfg.rank, slot, self.epoch, ", ".join(p.shard.url for p in pieces))
-                        break
-                    sample = earliest[num_padded_total % len(earliest)]
-                    num_padded += 1
-                    num_padded_total += 1
-                elif len(earliest) < batch_size:
-                    earliest.append(sample)
-                samples.append(sample)
-            if batch_index >= num_skip:  # skipped batches were read and checked, but never drawn or stacked
-                yield self._collate(samples, num_padded) if samples else self._empty()
-        good.close()  # stops a pipe: command still streaming surplus pairs
+        parts = (self.cfg.seed, self.epoch, self.cfg.rank, slot) + (() if bucket == "" else ("bucket", bucket))
+        good = self._good_samples(pieces, random.Random(_seed_of(*parts)))
+        try:
+            earliest: list[dict] = []  # repeated, in order, when bad samples leave the quota short
+            num_padded_total = 0
+            for batch_index in range(quota):
+                samples, num_padded = [], 0
+                while len(samples) < batch_size:
+                    sample = next(good, None)
+                    if sample is None:
+                        if not earliest:  # not one good pair: the batch stays empty, and the trainer stops
+                            if batch_index == 0:
+                                log.warning("rank %d worker %d found no good pair in epoch %d in shards %s",
+                                            self.cfg.rank, slot, self.epoch, ", ".join(p.shard.url for p in pieces))
+                            break
+                        sample = earliest[num_padded_total % len(earliest)]
+                        num_padded += 1
+                        num_padded_total += 1
+                    elif len(earliest) < batch_size:
+                        earliest.append(sample)
+                    samples.append(sample)
+                if batch_index >= num_skip:  # skipped batches were read and checked, but never drawn or stacked
+                    yield self._collate(samples, num_padded) if samples else self._empty()
+        finally:
+            good.close()  # stops a pipe: command still streaming surplus pairs, also when closed early
 
     def _good_samples(self, pieces: list[_Piece], rng: random.Random) -> Iterator[dict]:
         """Decoded good samples in shuffled order; bad ones are logged and counted in self.num_bad."""
         shapes = None
+        recorded = {p.shard.url: p.shard.shape for p in pieces}
         for key, members, url in _shuffled(self._raw_samples(pieces), self.cfg.shuffle_buffer, rng):
             try:
                 sample = decode_sample(key, members, self.cfg.schema)
                 sample_shapes = {name: t.shape for name, t in sample["tensors"].items()}
+                if recorded[url] is not None and tuple(sample_shapes["latents_w"]) != recorded[url]:
+                    raise BadSample(f"latents_w has shape {tuple(sample_shapes['latents_w'])}; index.json records "
+                                    f"{recorded[url]} for every pair of this shard (its shape bucket)")
                 if shapes is not None and sample_shapes != shapes:
                     raise BadSample(f"shapes {sample_shapes} differ from this worker's first pair {shapes}; "
                                     "a batch needs one shape per tensor")

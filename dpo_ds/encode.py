@@ -175,6 +175,14 @@ class PreparedPair:
     geometry_l: Geometry
     source: dict
     has_mismatched_sizes: bool
+    bucket: tuple[int, int] | None = None  # the (height, width) both images were cropped to, with RowSpec.buckets
+
+
+def nearest_bucket(height: int, width: int, buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The (height, width) of `buckets` nearest an image's aspect ratio (in log scale, so 1:2 and 2:1 are
+    equally far from 1:1); the first listed wins a tie."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - aspect), buckets.index(b)))
 
 
 def _field(row: dict, column: str) -> object:
@@ -250,6 +258,7 @@ class RowSpec:
     resolution: int | tuple[int, int]
     random_crop_seed: int | None  # None: center crop
     drop_mismatched_sizes: bool
+    buckets: tuple[tuple[int, int], ...] | None = None  # images: (height, width) targets, instead of resolution
 
 
 def _read_row(spec: RowSpec, manifest_path: str, row: dict) -> tuple[str, list[float], list[bytes], str]:
@@ -304,14 +313,17 @@ def prepare_row(spec: RowSpec, index: int, manifest_path: str, row: dict) -> Pre
     winner = 0 if labels[0] > labels[1] else 1
     order = (winner, 1 - winner)
     crop_seeds = _crop_seeds(spec, key)
+    # With buckets, both images go to the bucket nearest the winner's aspect ratio (a batch holds one shape).
+    bucket = nearest_bucket(images[winner].height, images[winner].width, spec.buckets) if spec.buckets else None
     (pixels_w, geometry_w), (pixels_l, geometry_l) = (
-        resize_and_crop(images[i], spec.resolution, seed) for i, seed in zip(order, crop_seeds))
+        resize_and_crop(images[i], bucket or spec.resolution, seed) for i, seed in zip(order, crop_seeds))
     source = {"manifest": os.path.basename(manifest_path), "row": index, "winner": spec.image_columns[winner],
               "labels": labels, "crop": "center" if spec.random_crop_seed is None else "random",
               "crop_seeds": crop_seeds, "original_sizes": [list(images[i].size[::-1]) for i in order]}
     if spec.key_column is not None:
         source["id"] = key
-    return PreparedPair(key, index, caption, pixels_w, pixels_l, geometry_w, geometry_l, source, has_mismatched_sizes)
+    return PreparedPair(key, index, caption, pixels_w, pixels_l, geometry_w, geometry_l, source, has_mismatched_sizes,
+                        bucket)
 
 
 # ---------------------------------------------------------------- one row of videos -> one prepared pair
@@ -323,6 +335,8 @@ class ClipSpec:
     num_frames: int
     fps: Fraction
     pad_short: bool  # a video shorter than the clip: repeat its last frame (True) or drop the pair
+    # (frames, height, width) targets instead of num_frames and RowSpec.resolution: prepare_video_row
+    buckets: tuple[tuple[int, int, int], ...] | None = None
 
 
 @dataclass
@@ -337,6 +351,24 @@ class PreparedVideoPair:
     source: dict
     has_mismatched_sizes: bool
     num_padded_frames: int  # over both clips
+    bucket: tuple[int, int, int] | None = None  # (frames, height, width), with ClipSpec.buckets
+
+
+def video_size(data: bytes, column: str) -> tuple[int, int]:
+    """(height, width) of a video's first video stream, from its header (nothing decoded). Raises BadRow."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise BadRow(f"unreadable {column}", "the file has no video stream")
+            stream = container.streams.video[0]
+            size = (stream.height, stream.width)
+    except av.FFmpegError as e:
+        raise BadRow(f"unreadable {column}", f"{len(data)} bytes PyAV cannot decode: {e}") from None
+    if min(size) < 1:
+        raise BadRow(f"unreadable {column}", f"the video stream has no size ({size})")
+    return size
 
 
 def sample_frames(data: bytes, column: str, clip: ClipSpec, resolution: tuple[int, int],
@@ -413,8 +445,24 @@ def prepare_video_row(spec: RowSpec, clip: ClipSpec, index: int, manifest_path: 
     winner = 0 if labels[0] > labels[1] else 1
     order = (winner, 1 - winner)
     crop_seeds = _crop_seeds(spec, key)
-    clips = {i: sample_frames(data[i], spec.image_columns[i], clip, spec.resolution, seed)
-             for i, seed in zip(order, crop_seeds)}
+    # With buckets: the (height, width) nearest the winner's aspect ratio, then the most frames of it that
+    # both videos fill at the clip's rate; the fewest frames when none (padded or dropped as pad_short says).
+    candidates: list = [None]
+    if clip.buckets:
+        height, width = video_size(data[winner], spec.image_columns[winner])
+        size = nearest_bucket(height, width, tuple(dict.fromkeys(b[1:] for b in clip.buckets)))
+        candidates = sorted((b for b in clip.buckets if b[1:] == size), key=lambda b: -b[0])
+    for n, bucket in enumerate(candidates):
+        is_last = n == len(candidates) - 1
+        this_clip = clip if bucket is None else ClipSpec(bucket[0], clip.fps, clip.pad_short and is_last)
+        try:
+            clips = {i: sample_frames(data[i], spec.image_columns[i], this_clip,
+                                      spec.resolution if bucket is None else bucket[1:], seed)
+                     for i, seed in zip(order, crop_seeds)}
+            break
+        except BadRow as e:
+            if is_last or e.reason != "short video":
+                raise
     sizes = [clips[i][1]["size"] for i in (0, 1)]
     has_mismatched_sizes = sizes[0] != sizes[1]
     if has_mismatched_sizes and spec.drop_mismatched_sizes:
@@ -429,7 +477,7 @@ def prepare_video_row(spec: RowSpec, clip: ClipSpec, index: int, manifest_path: 
     if spec.key_column is not None:
         source["id"] = key
     return PreparedVideoPair(key, index, caption, clips[winner][0], clips[1 - winner][0], source,
-                             has_mismatched_sizes, sum(source["num_padded_frames"]))
+                             has_mismatched_sizes, sum(source["num_padded_frames"]), bucket)
 
 
 # ---------------------------------------------------------------- what the families' encoders share

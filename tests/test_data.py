@@ -78,7 +78,8 @@ def test_shards_are_byte_identical_and_indexed(tmp_path):
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     index = json.loads((tmp_path / "a" / "index.json").read_text())
-    assert index["format"] == "dpo_ds.shards/2"
+    assert index["format"] == "dpo_ds.shards/3"  # /2 plus each shard's latent shape
+    assert [e["shape"] for e in index["shards"]] == [[4, 8, 8]] * 3
     assert [(e["num_pairs"], e["size_bytes"]) for e in index["shards"]] == [
         (n, os.path.getsize(tmp_path / "a" / f"shard-{i:06d}.tar")) for i, n in enumerate([4, 4, 3])
     ]

@@ -199,9 +199,10 @@ def two_ranks_match_one(world, num_rows: int) -> None:
     index = json.loads((root / "two" / "index.json").read_text())
     assert len(index["shards"]) == 3  # the last rank to finish published every chunk
     # The per-rank indexes merge with their keys, which training's start-up check reads instead of the tars.
-    assert index["format"] == "dpo_ds.shards/2"
+    assert index["format"] == "dpo_ds.shards/3"
     for entry in index["shards"]:
         assert entry["keys"] == [key for key, _ in data.tar_samples(str(root / "two" / entry["name"]))]
+        assert len(entry["shape"]) in (3, 4)  # each shard's latent shape: its shape bucket
 
 
 def test_two_ranks_write_the_same_pairs_as_one(world):
@@ -340,3 +341,47 @@ def test_sd15_family_encodes_one_text_encoders_last_states(world, tmp_path):
     ids = tokenizer([""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(empty["prompt_embeds"], encoder(ids).last_hidden_state[0], atol=2e-3)
+
+
+def test_buckets_write_one_shape_per_shard_with_each_buckets_time_ids(world, tmp_path):
+    """--buckets: each pair goes to the bucket nearest its winner's aspect ratio, into shards of that bucket
+    alone (index.json records their shape); SDXL's time_ids hold each image's own crop and the bucket's size."""
+    sizes = [((64, 64), (64, 64)), ((128, 64), (128, 64)), ((64, 128), (64, 128)), ((128, 64), (64, 64)),
+             ((80, 64), (64, 64)), ((64, 64), (128, 64))]  # (w, h) of winner (jpg_0), loser (jpg_1)
+    rows = [{"caption": f"bucket picture {i}", "jpg_0": png(make_image(100 + 2 * i, w)),
+             "jpg_1": png(make_image(101 + 2 * i, l)), "label_0": 1.0, "label_1": 0.0}
+            for i, (w, l) in enumerate(sizes)]
+    parquet = write_parquet(tmp_path / "buckets.parquet", rows)
+    ok(encode("--manifest", str(parquet), "--model", str(world["model"]), "--out", str(tmp_path / "out"),
+              "--buckets", "64x64", "48x96", "96x48", "--pairs-per-shard", "6", "--batch-size", "2",
+              "--num-workers", "2"))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert {e["name"]: (e["shape"], e["num_pairs"]) for e in index["shards"]} == {
+        "pairs-000000-64x64-000000.tar": ([4, 8, 8], 3), "pairs-000000-48x96-000000.tar": ([4, 6, 12], 2),
+        "pairs-000000-96x48-000000.tar": ([4, 12, 6], 1)}
+    by_row = {p["meta"]["source"]["row"]: p for p in read_pairs(tmp_path / "out").values()}
+    expected = {0: (64, 64), 1: (48, 96), 2: (96, 48), 3: (48, 96), 4: (64, 64), 5: (64, 64)}  # 80x64: 1.25:1
+    for row, (height, width) in expected.items():
+        tensors = by_row[row]["tensors"]
+        assert tuple(tensors["latents_w"].shape) == tuple(tensors["latents_l"].shape) == (4, height // 8, width // 8)
+        assert tensors["time_ids_w"][4:].tolist() == tensors["time_ids_l"][4:].tolist() == [height, width]
+        assert by_row[row]["meta"]["source"]["resolution"] == [height, width]
+    # Row 3: a wide winner takes the 48x96 bucket; its square loser is scaled to 96x96, cropped 24 px from the top.
+    assert by_row[3]["tensors"]["time_ids_w"].tolist() == [64, 128, 0, 0, 48, 96]
+    assert by_row[3]["tensors"]["time_ids_l"].tolist() == [64, 64, 24, 0, 48, 96]
+    # Row 5: the square winner decides; the wide loser is center-cropped 32 px from the left.
+    assert by_row[5]["tensors"]["time_ids_l"].tolist() == [64, 128, 0, 32, 64, 64]
+    # The loader batches them one shape at a time, with data.resolution null (any latent shape).
+    from dpo_ds.models import family_class
+    family = family_class("sdxl")(family_class("sdxl").SCHEDULER_CONFIG, None, None, 8)
+    schema = family.sample_schema(family.TINY_DENOISER_CONFIG)
+    assert schema["latents_w"] is None
+    shards = data.list_shards(str(tmp_path / "out"), check=True)
+    loader = data.PairLoader(shards, batch_size=1, rank=0, world_size=1, seed=0, num_workers=0, schema=schema,
+                             draw_t=family.draw_t)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 6 and sum(b["num_bad"] for b in batches) == 0
+    assert sorted(tuple(b["latents_w"].shape[2:]) for b in batches) == [(6, 12)] * 2 + [(8, 8)] * 3 + [(12, 6)]
+    bad = encode("--manifest", str(parquet), "--model", str(world["model"]), "--out", str(tmp_path / "x"),
+                 "--buckets", "64x")
+    assert bad.returncode == 2 and "--buckets takes distinct HEIGHTxWIDTH sizes" in bad.stderr

@@ -253,3 +253,45 @@ def test_rows_take_video_bytes_and_sampling_repeats_frames_above_the_source_rate
     pixels, info = sample_frames((videos / "8_1.mp4").read_bytes(), "v", ClipSpec(3, Fraction(16), False),
                                  (SIDE, SIDE), None)
     assert info["frames"] == [0, 1, 2] and pixels.shape == (3, 3, SIDE, SIDE)
+
+
+def test_buckets_send_each_pair_to_its_aspect_ratio_and_the_most_frames_both_videos_fill(world, tmp_path):
+    """--buckets FxHxW: the size nearest the winner's aspect ratio, then the longest clip of it both videos
+    fill; each bucket in its own shards, whose shape index.json records; the loader batches them by shape."""
+    from dpo_ds import data
+    from dpo_ds.models import family_class
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    specs = [((SIDE, SIDE), 16, (SIDE, SIDE), 16), ((SIDE, SIDE), 16, (SIDE, SIDE), 6),
+             ((48, SIDE), 16, (SIDE, SIDE), 16), ((SIDE, SIDE), 16, (48, SIDE), 16)]  # (w, h), frames at 16 fps
+    rows = []
+    for i, (size_0, frames_0, size_1, frames_1) in enumerate(specs):
+        write_video(videos / f"{i}_0.mp4", seed=2 * i, num_frames=frames_0, size=size_0)
+        write_video(videos / f"{i}_1.mp4", seed=2 * i + 1, num_frames=frames_1, size=size_1)
+        rows.append({"caption": f"a video of number {i} moving", "video_0": f"{i}_0.mp4", "video_1": f"{i}_1.mp4",
+                     "label_0": 1.0, "label_1": 0.0})
+    (videos / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ok(encode("--family", "wan", "--manifest", str(videos / "pairs.jsonl"), "--model", str(world["model"]),
+              "--buckets", "9x32x32", "5x32x32", "5x32x48", "--fps", "16", "--max-sequence-length", str(NUM_TOKENS),
+              "--pairs-per-shard", "4", "--batch-size", "2", "--num-workers", "2", "--out", str(tmp_path / "out")))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert {e["name"]: (e["shape"], e["num_pairs"]) for e in index["shards"]} == {
+        "pairs-000000-9x32x32-000000.tar": ([4, 3, 4, 4], 2), "pairs-000000-5x32x32-000000.tar": ([4, 2, 4, 4], 1),
+        "pairs-000000-5x32x48-000000.tar": ([4, 2, 4, 6], 1)}
+    pairs = by_row(read_pairs(tmp_path / "out"))
+    # Row 1: the 6-frame loser (0.375 s) fills 5 frames at 16 fps, not 9; row 2: the wide winner decides.
+    expected = {0: (9, [32, 32]), 1: (5, [32, 32]), 2: (5, [32, 48]), 3: (9, [32, 32])}
+    for row, (frames, size) in expected.items():
+        source = pairs[row]["meta"]["source"]
+        assert (source["num_frames"], source["resolution"]) == (frames, size)
+        assert source["num_padded_frames"] == [0, 0] and len(source["frames"][0]) == frames
+    wan = family_class("wan").tiny()
+    shards = data.list_shards(str(tmp_path / "out"), check=True)
+    loader = data.PairLoader(shards, batch_size=1, rank=0, world_size=1, seed=0, num_workers=0,
+                             schema={"latents_w": None, "latents_l": None, "prompt_embeds": None}, draw_t=wan.draw_t)
+    shapes = sorted(tuple(b["latents_w"].shape[1:]) for b in loader.epoch(0))
+    assert shapes == [(4, 2, 4, 4), (4, 2, 4, 6), (4, 3, 4, 4), (4, 3, 4, 4)]
+    bad = encode("--family", "wan", "--manifest", str(videos / "pairs.jsonl"), "--model", str(world["model"]),
+                 "--buckets", "32x32", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "FRAMESxHEIGHTxWIDTH" in bad.stderr

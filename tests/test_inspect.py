@@ -119,3 +119,21 @@ def test_flags_an_index_that_disagrees_and_no_shards_is_an_error(tmp_path):
     empty.mkdir()
     proc = subprocess.run([sys.executable, str(TOOL), str(empty)], env=env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "no .tar shards" in proc.stderr
+
+
+def test_shape_buckets_are_valid_and_a_pair_unlike_its_shards_record_is_flagged(tmp_path):
+    """Shards whose index.json records several latent shapes (shape buckets) are valid; a shard whose pairs
+    are not the shape its record says is flagged pair by pair, naming the record."""
+    write_good(tmp_path, range(5), prefix="square")
+    with data.ShardWriter(str(tmp_path), prefix="wide", max_pairs=4) as writer:
+        for i in range(5, 8):
+            writer.write(*pair(i, latent_shape=(4, 6, 10)))
+    code, s = run(str(tmp_path))
+    assert code == 0 and s["is_valid"] and s["latent_shapes"] == {"[4, 8, 8]": 5, "[4, 6, 10]": 3}
+    index = json.loads((tmp_path / "index.json").read_text())
+    [wide] = [e for e in index["shards"] if e["name"].startswith("wide")]
+    wide["shape"] = [4, 10, 6]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    code, s = run(str(tmp_path))
+    assert code == 1 and s["num_bad_pairs"] == 3
+    assert all("latents_w is (4, 6, 10); index.json records (4, 10, 6)" in p["reason"] for p in s["problems"])

@@ -26,6 +26,15 @@ With --family wan, one sample per pair of videos (latent_layout "CFHW"):
   --num-frames are dropped ("short video") or, with --short-clips pad, end in repeats of their last frame.
 KEY is the --key-column value, else a hash of the caption and both files' bytes.
 
+Shape buckets: image families take --buckets HxW [HxW ...] replaces the square --resolution. Each pair goes to the
+bucket nearest its winner's aspect ratio, both images resized to cover it and cropped (as --crop says); SDXL's
+time_ids record each image's original size, crop and the bucket's size. Each bucket of chunk C is written to
+its own shards, PREFIX-CCCCCC-HxW-NNNNNN.tar, so index.json records one latent shape per shard (docs/design.md
+§4), and training with data.resolution: null batches them one shape at a time (§6). Video families:
+--buckets FxHxW [FxHxW ...] replaces --num-frames, --height and --width: the (H, W) nearest the winner's aspect
+ratio, then the most frames F of that size both videos fill at --fps (else the fewest, padded or dropped as
+--short-clips says); shards PREFIX-CCCCCC-FxHxW-NNNNNN.tar.
+
 Chunk C is rows [C*N, (C+1)*N) of the manifests (N = --pairs-per-shard) and goes to rank
 C % world_size. Shards depend on the chunk alone, so any world size writes the same files,
 and a rerun with any world size skips the chunks already finished. Rank and world size come
@@ -89,6 +98,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="video families: video bytes or paths (relative to the manifest or --image-root)")
     p.add_argument("--image-root", default=None, help="folder that relative image (or video) paths start from")
     p.add_argument("--resolution", type=int, default=1024, help="square target side in pixels")
+    p.add_argument("--buckets", nargs="+", default=None, metavar="HxW|FxHxW",
+                   help="target sizes instead of --resolution (images: HEIGHTxWIDTH, e.g. 1024x1024 896x1152 "
+                   "1152x896) or --num-frames, --height, --width (videos: FRAMESxHEIGHTxWIDTH, e.g. 33x480x832 "
+                   "81x480x832); each pair goes to the size nearest its winner's aspect ratio, and a video pair "
+                   "to the most frames of it that both videos fill")
     p.add_argument("--height", type=int, default=None, help="video families: frame height (default --resolution)")
     p.add_argument("--width", type=int, default=None, help="video families: frame width (default --resolution)")
     p.add_argument("--num-frames", type=int, default=81, help="video families: frames per clip (Wan: 4k + 1)")
@@ -129,6 +143,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.is_video and (args.height is not None or args.width is not None):
         p.error("--height and --width are for video families; images are square, use --resolution")
     args.height, args.width = args.height or args.resolution, args.width or args.resolution
+    if args.buckets is not None:
+        try:
+            args.buckets = [tuple(int(x) for x in b.lower().split("x")) for b in args.buckets]
+        except ValueError:
+            args.buckets = [()]
+        rank = 3 if args.is_video else 2
+        if any(len(b) != rank or min(b) < 1 for b in args.buckets) or len(set(args.buckets)) != len(args.buckets):
+            p.error("--buckets takes distinct " + ("FRAMESxHEIGHTxWIDTH sizes, e.g. 33x480x832 81x480x832"
+                    if args.is_video else "HEIGHTxWIDTH sizes in pixels, e.g. 1024x1024 896x1152"))
     if min(args.height, args.width, args.num_frames, args.max_sequence_length) < 1 or not args.fps > 0:
         p.error("--height, --width, --num-frames, --max-sequence-length must be >= 1 and --fps > 0")
     if not 0.0 <= args.val_fraction < 1.0:
@@ -185,12 +208,17 @@ class Encoder:
         rows = self.manifest.rows(start, min(start + args.pairs_per_shard, self.manifest.num_rows))
         prefix = f"{args.prefix}-{chunk:06d}"
         splits = ["train", "val"] if args.val_out is not None else ["train"]
-        writers = {split: ShardWriter(os.path.join(stage, split), prefix, args.pairs_per_shard, args.max_shard_bytes)
-                   for split in splits}
+        # One writer per split and bucket (None: no buckets), so each shard holds one latent shape.
+        buckets = args.buckets or [None]
+        writers = {(split, bucket): ShardWriter(os.path.join(stage, split),
+                                                prefix if bucket is None else f"{prefix}-{'x'.join(map(str, bucket))}",
+                                                args.pairs_per_shard, args.max_shard_bytes)
+                   for split in splits for bucket in buckets}
         with ThreadPoolExecutor(args.num_workers) as pool, contextlib.ExitStack() as stack:
             for writer in writers.values():
                 stack.enter_context(writer)
-            batch: list[PreparedPair | PreparedVideoPair] = []
+            # A batch holds one bucket's pairs.
+            batches: dict[tuple | None, list[PreparedPair | PreparedVideoPair]] = {b: [] for b in buckets}
             if args.is_video:
                 prepare = lambda i, path, row: prepare_video_row(self.spec, self.clip, i, path, row)  # noqa: E731
             else:
@@ -208,18 +236,20 @@ class Encoder:
                 keys.add(pair.key)
                 stats.num_mismatched_sizes += pair.has_mismatched_sizes
                 stats.num_padded_clips += args.is_video and pair.num_padded_frames > 0
+                batch = batches[getattr(pair, "bucket", None)]
                 batch.append(pair)
                 if len(batch) == args.batch_size:
                     self._write_batch(batch, writers, stats)
-                    batch = []
+                    batch.clear()
                     elapsed = max(progress.format_dict["elapsed"], 1e-9)
                     progress.set_postfix_str(f"{self.num_pairs_this_run / elapsed:.2f} pairs/s")
-            if batch:
-                self._write_batch(batch, writers, stats)
+            for batch in batches.values():
+                if batch:
+                    self._write_batch(batch, writers, stats)
         marker = {"chunk": chunk, "settings": self.settings, "stats": stats.as_dict()}
         for split, folder in (("train", args.out), ("val", args.val_out)):
             marker[split] = []
-            if split in writers:
+            if split in splits:
                 for entry in read_index(os.path.join(stage, split, INDEX_NAME)).values():
                     shutil.move(os.path.join(stage, split, entry["name"]), os.path.join(folder, entry["name"]))
                     marker[split].append(entry)
@@ -238,15 +268,19 @@ class Encoder:
                         " (further rows with this reason are only counted)"
                         if self.num_logged[error.reason] == NUM_LOGGED_PER_REASON else "")
 
-    def _write_batch(self, batch: list, writers: dict[str, ShardWriter], stats: ChunkStats) -> None:
+    def _write_batch(self, batch: list, writers: dict[tuple, ShardWriter], stats: ChunkStats) -> None:
         args = self.args
-        source = ({"resolution": [args.height, args.width], "num_frames": args.num_frames, "fps": args.fps}
-                  if args.is_video else args.resolution)
+        bucket = getattr(batch[0], "bucket", None)
+        if args.is_video:
+            frames, height, width = bucket or (args.num_frames, args.height, args.width)
+            source = {"resolution": [height, width], "num_frames": frames, "fps": args.fps}
+        else:
+            source = args.resolution if bucket is None else list(bucket)
         samples = self.encoder.samples(batch, self.store_dtype, source)
         for pair, (tensors, meta) in zip(batch, samples):
-            is_val = "val" in writers and key_fraction(pair.key) < self.args.val_fraction
+            is_val = args.val_out is not None and key_fraction(pair.key) < self.args.val_fraction
             try:
-                writers["val" if is_val else "train"].write(pair.key, meta, tensors)
+                writers[("val" if is_val else "train", bucket)].write(pair.key, meta, tensors)
             except ValueError as e:  # e.g. non-finite latents from a VAE overflowing in fp16
                 stats.bad_rows["invalid sample"] += 1
                 log.warning("row %d not written: %s", pair.row, e)
@@ -354,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         manifest = Manifest(args.manifest, columns)
         spec = RowSpec(args.caption_column, tuple(media_columns), tuple(args.label_columns), args.key_column,
                        args.image_root, (args.height, args.width) if args.is_video else args.resolution,
-                       args.seed if args.crop == "random" else None, args.mismatched_sizes == "drop")
-        clip = ClipSpec(args.num_frames, Fraction(str(args.fps)), args.short_clips == "pad") if args.is_video else None
+                       args.seed if args.crop == "random" else None, args.mismatched_sizes == "drop",
+                       tuple(args.buckets) if args.buckets else None)
+        clip = ClipSpec(args.num_frames, Fraction(str(args.fps)), args.short_clips == "pad",
+                        tuple(args.buckets) if args.buckets else None) if args.is_video else None
         # Everything a stored sample depends on; a resumed run must match it field by field.
         settings = {"manifests": manifest.fingerprint(), "columns": columns, "resolution": args.resolution,
                     "crop": args.crop, "seed": args.seed if args.crop == "random" else None,
@@ -365,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     "model": os.path.abspath(args.model), "vae": args.vae and os.path.abspath(args.vae)}
         if args.family != "sdxl":  # SDXL runs keep the settings they always had, so their outputs still resume
             settings.update(family=args.family)
+        if args.buckets:  # likewise: runs without buckets keep their settings
+            settings.update(buckets=[list(b) for b in args.buckets])
         if args.is_video:
             settings.update( height=args.height, width=args.width, num_frames=args.num_frames,
                             fps=args.fps, short_clips=args.short_clips,
@@ -390,11 +428,20 @@ def main(argv: list[str] | None = None) -> int:
                     nearest = 1 + temporal * max(1, (args.num_frames - 1) // temporal)
                     raise ValueError(f"--num-frames {args.num_frames} must be 1 + a multiple of the VAE's temporal "
                                      f"scale factor {temporal}, e.g. {nearest}")
+                for frames, height, width in args.buckets or []:
+                    if height % spatial or width % spatial or (frames - 1) % temporal:
+                        raise ValueError(f"--buckets {frames}x{height}x{width}: frames must be 1 + a multiple of the "
+                                         f"VAE's temporal scale factor {temporal}, height and width multiples of "
+                                         f"its spatial scale factor {spatial}")
             else:
                 encoder = encoder_class(args.family)(args.model, args.vae, device, dtype)
                 if args.resolution % encoder.vae_scale_factor:
                     raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE's scale factor "
                                      f"{encoder.vae_scale_factor}")
+                for height, width in args.buckets or []:
+                    if height % encoder.vae_scale_factor or width % encoder.vae_scale_factor:
+                        raise ValueError(f"--buckets {height}x{width} is not a multiple of the VAE's scale factor "
+                                         f"{encoder.vae_scale_factor}")
     except ValueError as e:
         print(f"encode_pairs: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@ SHARDS: .tar paths, brace patterns, globs or folders, as data.shards takes them.
 Checks every sample: both members present and nothing else, decodable json and safetensors,
 latents float16/bfloat16 with the rank of their latent_layout, every float finite, the json's
 fields (caption, family, latent_layout, scaling_factor, label 1.0: ties are never stored),
-each tensor's shape the same as in most pairs, keys unique within each shard (a repeat is a bad
+each tensor's shape the same as in most pairs (with shape buckets, shards whose index.json records
+several latent shapes, each pair's latents as its shard's record says, and the other tensors as in most
+pairs), keys unique within each shard (a repeat is a bad
 pair; the reader keeps the first) and across all shards, and index.json's pair counts. Prints a table (pairs, shapes, dtypes, per-channel latent mean/std, caption
 length); --json prints one object instead:
   {"is_valid", "num_shards", "num_pairs", "num_bad_pairs", "num_bytes", "problems": [{"shard", "key", "reason"}],
@@ -56,6 +58,8 @@ class Report:
         self.num_problems = self.num_pairs = self.num_bad_pairs = self.num_bytes = 0
         self.first_shard_of: dict[str, str] = {}
         self.signatures: dict[tuple, list[tuple[str, str]]] = collections.defaultdict(list)  # shapes -> (shard, key)
+        self.recorded: dict[str, tuple[int, ...] | None] = {}  # each shard's latent shape in index.json
+        self.latent_shapes: collections.Counter = collections.Counter()
         self.dtypes: dict[str, set[str]] = collections.defaultdict(set)
         self.families: collections.Counter = collections.Counter()
         self.layouts: collections.Counter = collections.Counter()
@@ -89,6 +93,7 @@ class Report:
             self.num_bad_pairs += 1
             return
         self.signatures[tuple(sorted((n, tuple(t.shape)) for n, t in tensors.items()))].append((shard, key))
+        self.latent_shapes[str(list(tensors["latents_w"].shape))] += 1
         for name, tensor in tensors.items():
             self.dtypes[name].add(str(tensor.dtype).replace("torch.", ""))
         self.families[meta["family"]] += 1
@@ -104,18 +109,53 @@ class Report:
         elif self.channel_sums.shape == sums.shape:  # a different channel count is flagged by the shape check
             self.channel_sums += sums
 
+    def _check_buckets(self) -> None:
+        """Shape buckets (docs/design.md §6): a pair's latents have its shard's recorded shape (shards that
+        record none agree among themselves, as most of them do), and every other tensor is as in most pairs."""
+        def others(signature: tuple) -> tuple:
+            return tuple((n, s) for n, s in signature if n not in LATENT_NAMES)
+        counts = collections.Counter()
+        for signature, where in self.signatures.items():
+            counts[others(signature)] += len(where)
+        majority = max(counts, key=counts.get)
+        unrecorded = collections.Counter()
+        for signature, where in self.signatures.items():
+            unrecorded[signature] += sum(self.recorded.get(shard) is None for shard, _ in where)
+        usual = max(unrecorded, key=unrecorded.get)  # the shape of most pairs of shards that record none
+        for signature, where in self.signatures.items():
+            got = dict(signature)
+            for shard, key in where:
+                recorded = self.recorded.get(shard)
+                if others(signature) != majority:
+                    expected = dict(majority)
+                    reason = "; ".join(f"{n} is {got.get(n)} where most pairs have {expected.get(n)}"
+                                       for n in sorted(set(expected) | set(others(signature)))
+                                       if expected.get(n) != got.get(n))
+                elif recorded is not None and any(got[n] != recorded for n in LATENT_NAMES):
+                    reason = f"latents_w is {got['latents_w']}; index.json records {recorded} for this shard"
+                elif recorded is None and signature != usual:
+                    reason = (f"latents_w is {got['latents_w']} where most pairs of shards that record no shape "
+                              f"have {dict(usual)['latents_w']}")
+                else:
+                    continue
+                self.problem(shard, key, f"wrong shape: {reason}")
+                self.num_bad_pairs += 1
+
     def finish(self, shard_counts: list[tuple[str, int, int]]) -> dict:
         """Flag pairs whose shapes differ from most pairs' and index.json counts that disagree."""
         majority = max(self.signatures, key=lambda s: len(self.signatures[s]), default=())
-        for signature, where in self.signatures.items():
-            if signature == majority:
-                continue
-            expected, got = dict(majority), dict(signature)
-            diff = "; ".join(f"{n} is {got.get(n)} where most pairs have {expected.get(n)}"
-                             for n in sorted(set(expected) | set(got)) if expected.get(n) != got.get(n))
-            for shard, key in where:
-                self.problem(shard, key, f"wrong shape: {diff}")
-                self.num_bad_pairs += 1
+        if len({s for s in self.recorded.values() if s is not None}) > 1:
+            self._check_buckets()
+        else:  # one shape: every tensor as in most pairs
+            for signature, where in self.signatures.items():
+                if signature == majority:
+                    continue
+                expected, got = dict(majority), dict(signature)
+                diff = "; ".join(f"{n} is {got.get(n)} where most pairs have {expected.get(n)}"
+                                 for n in sorted(set(expected) | set(got)) if expected.get(n) != got.get(n))
+                for shard, key in where:
+                    self.problem(shard, key, f"wrong shape: {diff}")
+                    self.num_bad_pairs += 1
         for url, num_listed, num_read in shard_counts:
             if num_listed != num_read:
                 self.problem(url, None, f"index.json lists {num_listed} pairs, the shard holds {num_read}")
@@ -127,6 +167,7 @@ class Report:
             "is_valid": self.num_problems == 0, "num_shards": len(shard_counts), "num_pairs": self.num_pairs,
             "num_bad_pairs": self.num_bad_pairs, "num_problems": self.num_problems, "num_bytes": self.num_bytes,
             "problems": self.problems, "shapes": {n: list(s) for n, s in majority},
+            "latent_shapes": dict(self.latent_shapes),
             "dtypes": {n: sorted(d) for n, d in sorted(self.dtypes.items())},
             "families": dict(self.families), "latent_layouts": dict(self.layouts),
             "scaling_factors": {str(k): v for k, v in self.scaling_factors.items()},
@@ -142,6 +183,7 @@ def inspect(spec: list[str], max_problems: int = 100) -> dict:
     report = Report(max_problems)
     shard_counts = []
     for shard in list_shards(spec):
+        report.recorded[shard.url] = shard.shape
         num_read = 0
         try:
             for key, members in tar_samples(shard.url):

@@ -69,7 +69,8 @@ class SD15(DDPMUNet2D):
         if unet_config.get("addition_embed_type") is not None:
             raise ValueError(f"model.family=sd15, but the UNet has addition_embed_type="
                              f"{unet_config['addition_embed_type']!r} (an SDXL-style UNet): use model.family=sdxl")
-        latents = (int(unet_config["in_channels"]), self.latent_side, self.latent_side)
+        latents = None if self.latent_side is None else (int(unet_config["in_channels"]), self.latent_side,
+                                                         self.latent_side)
         return {
             "latents_w": latents,
             "latents_l": latents,

@@ -74,7 +74,8 @@ class SDXL(DDPMUNet2D):
         return pipe
 
     def sample_schema(self, unet_config: dict) -> dict[str, tuple[int, ...]]:
-        latents = (int(unet_config["in_channels"]), self.latent_side, self.latent_side)
+        latents = None if self.latent_side is None else (int(unet_config["in_channels"]), self.latent_side,
+                                                         self.latent_side)
         pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(unet_config["addition_time_embed_dim"])
         return {
             "latents_w": latents,

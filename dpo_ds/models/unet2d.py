@@ -30,10 +30,11 @@ class DDPMUNet2D(Family):
         if not 0 <= lo < hi <= num:
             raise ValueError(f"data.timestep_range {[lo, hi]} must satisfy 0 <= lo < hi <= {num} "
                              "(the scheduler's num_train_timesteps)")
-        if resolution % vae_scale_factor:
+        if resolution is not None and resolution % vae_scale_factor:
             raise ValueError(f"data.resolution {resolution} is not a multiple of model.vae_scale_factor "
                              f"{vae_scale_factor}")
-        self.latent_side = resolution // vae_scale_factor
+        # None (data.resolution null): the schema leaves the latents' shape open, for shape buckets.
+        self.latent_side = None if resolution is None else resolution // vae_scale_factor
 
     @classmethod
     def from_settings(cls, model, data, scheduler_config: dict) -> "DDPMUNet2D":
