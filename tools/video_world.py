@@ -63,7 +63,7 @@ ON_MANIFOLD_RMS = 0.4
 def pattern() -> torch.Tensor:
     """The moving pattern P [C, H, W]; fixed forever."""
     g = torch.Generator().manual_seed(PATTERN_SEED)
-    return AMPLITUDE * torch.randn(C, H, W, generator=g).sign()
+    return (AMPLITUDE * torch.randn(C, 1, W, generator=g).sign()).expand(C, H, W).contiguous()
 
 
 def clip(direction: str, start: int) -> torch.Tensor:
