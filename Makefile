@@ -9,8 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,mpi,video
 NPROC ?= 2
 DEMO_DIR ?= runs/demo
+DEMO_VIDEO_DIR ?= runs/demo-video
 
-.PHONY: venv demo demo-objectives test test-fast clean
+.PHONY: venv demo demo-video demo-objectives test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@echo "make: creating $(VENV) with torch and dpo_ds (first use only, a few minutes)"
@@ -26,6 +27,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo.py --output-dir $(DEMO_DIR) --nproc $(NPROC)
+
+# The video world (tools/video_world.py): clips moving left or right, one direction preferred.
+demo-video: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo_video.py --output-dir $(DEMO_VIDEO_DIR) --nproc $(NPROC)
 
 # The demo plus every objective of tools/demo.py trained once per seed: the report's comparison table.
 demo-objectives: venv

@@ -1,0 +1,72 @@
+"""Does training move sampled clips toward the preferred motion? The video world end to end (tools/demo_video.py).
+
+Reference: a tiny Wan transformer trained by flow matching on both directions (loss.type=sft); policy:
+Diffusion-DPO from it with the demo's objective, through the deepspeed launcher with 2 processes and
+the reference cache; samples scored by the video world's oracle against the reference's, from the same
+initial noise. The same bar as tests/test_alignment.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, env
+
+pytestmark = [pytest.mark.slow, pytest.mark.skip(
+    reason="the video world's tiny reference does not sample on the manifold yet (0% within RMS 0.35 of a "
+           "motion template after 800 SFT steps; README, 'The video world'): the bar cannot be met")]
+
+FEWER_STEPS = ["--sft-steps", "800", "--sft-lr", "2e-3", "--dpo-steps", "60", "--checkpoint-every", "60", "--num-samples", "256"]
+
+
+def _demo(out: Path, *args: str) -> tuple[dict, str]:
+    """(report.json, what the terminal received)"""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "demo_video.py"), "--output-dir", str(out),
+                           *FEWER_STEPS, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "report" / "report.json").read_text()), proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def preferring_right(tmp_path_factory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("video_right")
+    return (out, *_demo(out, "--prefer", "right"))
+
+
+def test_policy_moves_toward_the_preferred_motion(preferring_right):
+    _, result, terminal = preferring_right
+    # The evaluation means something only if the samples look like the data: nearly all near a motion,
+    # and the reference samples both directions.
+    assert result["on_manifold"]["reference"] >= 0.9 and result["on_manifold"]["policy"] >= 0.9, result
+    assert 0.1 < result["reference_rate"] < 0.9 * result["on_manifold"]["reference"], result
+    assert result["difference"] >= 0.10, result
+    assert result["ci95"][0] > 0, result
+    assert "[5/5] evaluation: " in terminal and "Traceback" not in terminal, terminal
+
+
+def test_reversed_preferences_move_the_other_way(preferring_right, tmp_path):
+    out_r, result_r, _ = preferring_right
+    result_l, _ = _demo(tmp_path, "--prefer", "left", "--reference", str(out_r / "reference"))
+    # Same reference, same samples of it: its samples near a motion move either right or left.
+    on_manifold = result_r["on_manifold"]["reference"]
+    assert result_l["reference_rate"] + result_r["reference_rate"] == pytest.approx(on_manifold)
+    assert result_l["on_manifold"]["policy"] >= 0.9, result_l
+    assert result_l["difference"] >= 0.10 and result_l["ci95"][0] > 0, result_l
+
+
+def test_report_has_plots_and_a_strip_of_frames(preferring_right):
+    from PIL import Image
+
+    out, _, _ = preferring_right
+    report = out / "report"
+    assert "rate of motion to the right" in (report / "report.md").read_text()
+    for name in ("rates.png", "curves.png", "strip.png"):
+        with Image.open(report / name) as im:
+            im.load()
+            assert im.size[0] > 300 and im.size[1] > 150
+            assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20
