@@ -72,7 +72,9 @@ class ModelConfig(_Section):
         from dpo_ds.models import FAMILIES
 
         if not getattr(FAMILIES[self.family], "DRAWS_SIGMA", False):
-            given = [name for name in FLOW_SETTINGS if name in self.model_fields_set]
+            # Compared with the defaults, not "was the key given": a run's saved config.yaml (export, resume)
+            # lists every setting with its value.
+            given = [name for name in FLOW_SETTINGS if getattr(self, name) != type(self).model_fields[name].default]
             if given:
                 raise ValueError(f"model.{given[0]} is a flow-matching setting (model.family=wan); "
                                  f"model.family={self.family} draws DDPM timesteps: remove it")

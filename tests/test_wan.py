@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO
 from dpo_ds import models, noise
@@ -128,6 +129,10 @@ def test_settings_build_the_family_and_refuse_what_does_not_apply(tmp_path):
     assert models.build(load_config(None, base + ["--model.family=wan"])).shift == 3.0
     with pytest.raises(ValueError, match="model.flow_shift is a flow-matching setting"):
         load_config(None, base + ["--model.family=sd15", "--model.flow_shift=3.0"])
+    # A run's saved config.yaml lists every setting, the flow ones at their defaults: it loads back (export).
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(load_config(None, base + ["--model.family=sd15"]).model_dump(mode="json")))
+    assert load_config(str(saved)).model.flow_shift is None
     with pytest.raises(ValueError, match="velocity"):
         models.build(load_config(None, base + ["--model.family=wan", "--model.prediction_type=epsilon"]))
     with pytest.raises(ValueError, match="timestep_range"):
