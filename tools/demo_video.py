@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import demo  # noqa: E402  (a sibling script: the stage runner)
 import video_world  # noqa: E402
+from toy_world import bootstrap_difference  # noqa: E402
 from demo import DPO_SCALARS, GAP_W_WARNING, OBJECTIVES, Console, _duration, _plots, _scalars, _shown  # noqa: E402
 
 NUM_PAIRS = demo.NUM_PAIRS
@@ -221,7 +222,7 @@ def _stages(args, overrides: list[str], console: Console) -> int:
                                               for step, x in zip(steps + [args.dpo_steps], [*ckpt_samples, pol_samples])]
     ref_pref = video_world.is_preferred(ref_samples, args.prefer)
     pol_pref = video_world.is_preferred(pol_samples, args.prefer)
-    diff, lo, hi = video_world.bootstrap_difference(pol_pref, ref_pref)
+    diff, lo, hi = bootstrap_difference(pol_pref, ref_pref)
     pol_near = video_world.on_manifold(pol_samples).float().mean().item()
     last = {k: curves[k][-1][1] for k in DPO_SCALARS}
     result = {"world": "video", "prefer": args.prefer, "reference_rate": ref_rate, "policy_rate": ref_rate + diff,

@@ -170,9 +170,15 @@ def evaluate(reference_unet_dir: str, policy_unet_dir: str, *, prefer: str = "A"
 
     samples = {name: generate(UNet2DConditionModel.from_pretrained(folder).eval(), num_samples=num_samples, seed=seed)
                for name, folder in (("reference", reference_unet_dir), ("policy", policy_unet_dir))}
+    return compare(samples, prefer, is_preferred, on_manifold)
+
+
+def compare(samples: dict[str, torch.Tensor], prefer: str, is_preferred, on_manifold) -> dict:
+    """The evaluation's summary of the reference's and the policy's samples (same initial noise): each one's
+    preferred rate and fraction on the manifold, and the paired bootstrap of the difference."""
     pref = {name: is_preferred(x, prefer) for name, x in samples.items()}
     diff, lo, hi = bootstrap_difference(pref["policy"], pref["reference"])
-    return {"num_samples": num_samples, "prefer": prefer,
+    return {"num_samples": len(samples["policy"]), "prefer": prefer,
             **{f"{name}_rate": pref[name].float().mean().item() for name in samples},
             **{f"{name}_on_manifold": on_manifold(x).float().mean().item() for name, x in samples.items()},
             "difference": diff, "ci95": [lo, hi]}

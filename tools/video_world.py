@@ -41,7 +41,7 @@ from dpo_ds.models import family_class
 from dpo_ds.models.family import Family
 from dpo_ds.models.wan import shift_sigma
 from make_synthetic import write_model  # a sibling script: the one writer of tiny models
-from toy_world import bootstrap_difference  # noqa: F401  (the same paired bootstrap; re-exported)
+from toy_world import compare
 
 FAMILY = "wan"
 DIRECTIONS = ("right", "left")
@@ -189,12 +189,7 @@ def evaluate(reference_dir: str, policy_dir: str, *, prefer: str = "right", num_
              seed: int = 0) -> dict:
     samples = {name: generate(load_transformer(folder), num_samples=num_samples, seed=seed)
                for name, folder in (("reference", reference_dir), ("policy", policy_dir))}
-    pref = {name: is_preferred(x, prefer) for name, x in samples.items()}
-    diff, lo, hi = bootstrap_difference(pref["policy"], pref["reference"])
-    return {"num_samples": num_samples, "prefer": prefer,
-            **{f"{name}_rate": pref[name].float().mean().item() for name in samples},
-            **{f"{name}_on_manifold": on_manifold(x).float().mean().item() for name, x in samples.items()},
-            "difference": diff, "ci95": [lo, hi]}
+    return compare(samples, prefer, is_preferred, on_manifold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ Subclasses set NAME, LATENT_LAYOUT, DENOISER_SUBFOLDER, TINY_DENOISER_CONFIG and
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -64,15 +66,25 @@ class Family(ABC):
 
     # ------------------------------------------------------------ the denoiser
 
-    @staticmethod
-    @abstractmethod
-    def check_source(pretrained_path: str | None, config_path: str | None) -> None:
+    @classmethod
+    def check_source(cls, pretrained_path: str | None, config_path: str | None) -> None:
         """Raise ValueError naming the path when the denoiser cannot be found."""
+        if config_path is not None:
+            if not os.path.isfile(config_path):
+                raise ValueError(f"model.denoiser_config: {config_path} does not exist")
+        elif not os.path.isfile(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER, "config.json")):
+            raise ValueError(f"model.pretrained_path: {pretrained_path} has no {cls.DENOISER_SUBFOLDER}/config.json; "
+                             f"point it at a diffusers model folder (the one holding {cls.DENOISER_SUBFOLDER}/, "
+                             "vae/, scheduler/)")
 
-    @staticmethod
-    @abstractmethod
-    def load_denoiser(pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
+    @classmethod
+    def load_denoiser(cls, pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
         """The denoiser from a local diffusers folder, or freshly built from a config.json (fp32)."""
+        cls.check_source(pretrained_path, config_path)
+        if config_path is not None:
+            with open(config_path) as f:
+                return cls.denoiser_from_config(json.load(f))
+        return cls.denoiser_from_folder(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER), torch.float32)
 
     @staticmethod
     @abstractmethod

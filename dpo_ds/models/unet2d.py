@@ -6,8 +6,6 @@ generator. A subclass adds its conditioning (sample_schema, unet_kwargs).
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 from abc import abstractmethod
 
 import torch
@@ -46,23 +44,6 @@ class DDPMUNet2D(Family):
         return cls(scheduler_config or cls.SCHEDULER_CONFIG, None, resolution, 8)
 
     # ------------------------------------------------------------ the denoiser
-
-    @classmethod
-    def check_source(cls, pretrained_path: str | None, config_path: str | None) -> None:
-        if config_path is not None:
-            if not os.path.isfile(config_path):
-                raise ValueError(f"model.unet_config: {config_path} does not exist")
-        elif not os.path.isfile(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER, "config.json")):
-            raise ValueError(f"model.pretrained_path: {pretrained_path} has no {cls.DENOISER_SUBFOLDER}/config.json; "
-                             "point it at a diffusers model folder (the one holding unet/, vae/, scheduler/)")
-
-    @classmethod
-    def load_denoiser(cls, pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
-        cls.check_source(pretrained_path, config_path)
-        if config_path is not None:
-            with open(config_path) as f:
-                return cls.denoiser_from_config(json.load(f))
-        return cls.denoiser_from_folder(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER), torch.float32)
 
     @staticmethod
     def denoiser_from_config(config: dict) -> torch.nn.Module:

@@ -21,7 +21,6 @@ scheduler config's): σ = s·u / (1 + (s − 1)·u). Drawn in float64 from the p
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 
@@ -136,23 +135,6 @@ class Wan(Family):
         return cls(scheduler_config or WAN_SCHEDULER_CONFIG)
 
     # ------------------------------------------------------------ the denoiser
-
-    @classmethod
-    def check_source(cls, pretrained_path: str | None, config_path: str | None) -> None:
-        if config_path is not None:
-            if not os.path.isfile(config_path):
-                raise ValueError(f"model.denoiser_config: {config_path} does not exist")
-        elif not os.path.isfile(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER, "config.json")):
-            raise ValueError(f"model.pretrained_path: {pretrained_path} has no {cls.DENOISER_SUBFOLDER}/config.json; "
-                             "point it at a Wan diffusers folder (the one holding transformer/, vae/, scheduler/)")
-
-    @classmethod
-    def load_denoiser(cls, pretrained_path: str | None, config_path: str | None) -> torch.nn.Module:
-        cls.check_source(pretrained_path, config_path)
-        if config_path is not None:
-            with open(config_path) as f:
-                return cls.denoiser_from_config(json.load(f))
-        return cls.denoiser_from_folder(os.path.join(pretrained_path, cls.DENOISER_SUBFOLDER), torch.float32)
 
     @staticmethod
     def denoiser_from_config(config: dict) -> torch.nn.Module:
