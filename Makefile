@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,mpi,video
 NPROC ?= 2
+# pytest workers for `make test` (pytest-xdist); each takes whole test modules, longest first (tests/conftest.py)
+TEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo
 DEMO_VIDEO_DIR ?= runs/demo-video
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	@echo "make: compiling DeepSpeed's CPU communication op once (about a minute on a CPU-only machine)"
+	@echo "make: compiling DeepSpeed's CPU ops once (communication, CPU Adam: about two minutes on a CPU-only machine)"
 	$(PY) -c "from dpo_ds import engine; engine.build_cpu_ops()"
 	touch $@
 
@@ -38,7 +40,7 @@ demo-objectives: venv
 		--objectives all --seeds 0,1,2
 
 test: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15 tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs -m "not slow" tests

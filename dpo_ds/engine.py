@@ -145,14 +145,20 @@ def clear_stale_build_lock(name: str = "deepspeed_shm_comm") -> bool:
 
 
 def build_cpu_ops() -> None:
-    """Compile DeepSpeed's CPU communication op now, into this environment's extensions folder.
+    """Compile DeepSpeed's CPU ops now, into this environment's extensions folder: the communication
+    op every CPU run loads, and the CPU Adam of ds_configs/zero3_offload.json.
 
     `make venv` calls this once, so a fresh clone's first run does not spend about a minute compiling
-    before its first step. Does nothing where the accelerator has no such op (GPUs)."""
+    before its first step. Does nothing on other accelerators (GPUs build their own ops)."""
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.comm.torch import build_shm_op
 
+    if get_accelerator().device_name() != "cpu":
+        return
     clear_stale_build_lock()
     build_shm_op()
+    clear_stale_build_lock("cpu_adam")
+    get_accelerator().create_op_builder("CPUAdamBuilder").load()
 
 
 def shm_workspace_path(rank: int) -> Path:

@@ -16,6 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# `make test` runs two pytest workers, each taking whole modules (pytest-xdist's --dist loadfile, in
+# collection order): the longest modules go first, so that neither worker is left with one of them
+# at the end while the other sits idle.
+LONGEST_FIRST = ("test_alignment.py", "test_video_alignment.py", "test_e2e.py", "test_buckets.py",
+                 "test_world_size_resume.py", "test_families.py", "test_launchers.py", "test_faults.py",
+                 "test_reference_cache.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: within a module unchanged
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -138,7 +138,7 @@ def test_gradient_accumulation_matches_a_larger_micro_batch(tiny, tmp_path):
 def test_optimizer_offload_matches_adam_on_the_device(tiny, tmp_path):
     """ds_configs/zero3_offload.json (DeepSpeed's CPU Adam on host-resident optimizer state) trains
     the same as zero3.json (torch AdamW beside the shards): same first gradient, same losses after
-    the first updates. The first run compiles DeepSpeed's cpu_adam op (cached afterwards)."""
+    the first updates."""
     scalars = {}
     for name in ("zero3", "zero3_offload"):
         cfg = write_run_config(tmp_path / f"{name}.yaml", tiny, tmp_path / name, train={"max_steps": 3},
