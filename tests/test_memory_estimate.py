@@ -1,5 +1,5 @@
 """tools/memory_estimate.py: its parameter count is diffusers' WanTransformer3DModel's (built on the meta
-device, no memory, nothing downloaded), its token count the README's, and it prints the table it claims."""
+device, no memory, nothing downloaded), its token count the README's, and the README quotes the table it prints."""
 
 from __future__ import annotations
 
@@ -52,3 +52,10 @@ def test_prints_the_table_and_says_it_is_arithmetic(capsys):
     with pytest.raises(SystemExit) as exit_info:
         memory_estimate.main(["--num-frames", "80"])
     assert exit_info.value.code == 2
+
+
+def test_readme_quotes_the_tools_output(capsys):
+    """The README's Wan memory table is this command's output, not numbers typed by hand."""
+    assert memory_estimate.main([]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed in (REPO / "README.md").read_text()
