@@ -3,8 +3,8 @@
 build_tiny_sdxl / build_tiny_sd15: an SDXL- / SD 1.5-layout model folder (vae/, text_encoder(_2)/, tokenizer(_2)/, unet/, scheduler/)
 whose UNet is tools/make_synthetic.py's (SDXL.TINY_DENOISER_CONFIG, seed 0), the same weights the `tiny`
 fixture trains from. build_tiny_wan: a Wan 2.1-layout folder (causal 3D VAE, UMT5 encoder, a word-level
-tokenizer over WORDS, make_synthetic's tiny transformer, the family's scheduler). build_tiny_clip: a CLIPModel folder with its tokenizer and image processor, the
-layout of PickScore-style preference models.
+tokenizer over WORDS, make_synthetic's tiny transformer, the family's scheduler). build_tiny_clip: a
+CLIPModel folder with its tokenizer and image processor, the layout of PickScore-style preference models.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-frames", type=int, default=81, help="frames per clip (1 + 4k)")
     p.add_argument("--height", type=int, default=480, help="pixels (a multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="pixels (a multiple of 16)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per GPU per micro-step (train.micro_batch_size)")
+    p.add_argument("--micro-batch-size", type=int, default=1,
+                   help="pairs per GPU per micro-step (train.micro_batch_size)")
     args = p.parse_args(argv)
     if min(args.num_gpus, args.num_frames, args.micro_batch_size) < 1 or (args.num_frames - 1) % 4:
         p.error("--num-gpus and --micro-batch-size must be >= 1, --num-frames 1 + 4k")

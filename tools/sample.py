@@ -155,7 +155,7 @@ def sample(args: argparse.Namespace) -> dict:
         pending = iter(records)
         for samples_NFHWC in generate(family, scheduler, denoiser_dir, prompts, seeds, args, side):
             for frames, record in zip(samples_NFHWC, pending):  # samples first: zip must not draw a record too many
-                name = os.path.join(side, f"{record['index']:05d}")
+                name = f"{side}/{record['index']:05d}"  # relative to OUT, as samples.json records it
                 record[side] = name + ".png"
                 Image.fromarray(np.concatenate(list(frames), axis=1)).save(os.path.join(args.out, record[side]))
                 if is_video and HAS_AV:
@@ -169,7 +169,8 @@ def sample(args: argparse.Namespace) -> dict:
         grid = [np.concatenate(pair, axis=1) for pair in zip(*(grid_rows[side] for side in SIDES))]
     Image.fromarray(np.concatenate(grid, axis=0)).save(os.path.join(args.out, "grid.png"))
     summary = {"family": args.family, "base": os.path.abspath(args.base),
-               f"reference_{subfolder}": os.path.abspath(reference), f"policy_{subfolder}": os.path.abspath(args.denoiser),
+               f"reference_{subfolder}": os.path.abspath(reference),
+               f"policy_{subfolder}": os.path.abspath(args.denoiser),
                "sampler": args.sampler or family.SAMPLERS[0], "steps": args.steps,
                "guidance_scale": args.guidance_scale, "height": args.height, "width": args.width,
                "num_frames": args.num_frames, "fps": fps, "dtype": args.dtype, "columns": list(SIDES),

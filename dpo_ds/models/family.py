@@ -120,6 +120,7 @@ class Family(ABC):
         `scheduler`, components in `dtype`, its progress bar off."""
 
     SAMPLERS: ClassVar[tuple[str, ...]]  # the deterministic samplers sampling_scheduler builds, the default first
+    FPS: ClassVar[int]  # video families (LATENT_LAYOUT "CFHW") only: the frame rate their clips are played at
 
     @staticmethod
     @abstractmethod
