@@ -19,38 +19,12 @@ av = pytest.importorskip("av", reason="PyAV is not installed; the video path nee
 from conftest import REPO, env  # noqa: E402
 from dpo_ds.encode import BadRow, ClipSpec, RowSpec, prepare_video_row, sample_frames  # noqa: E402
 from test_encode import encode, ok, read_pairs, two_ranks_match_one  # noqa: E402  (the same CLI and shard readers)
+from tiny_sdxl import LATENTS_MEAN, LATENTS_STD, build_tiny_wan  # noqa: E402
 
 SIDE = 32  # pixels; latents 4 x 4 with the tiny VAE's 8x spatial factor
 NUM_FRAMES, FPS = 5, 8  # latent frames 1 + (5 - 1) / 4 = 2
 NUM_TOKENS = 16
-LATENTS_MEAN, LATENTS_STD = [0.1, -0.2, 0.3, 0.0], [1.5, 0.8, 1.2, 2.0]
-WORDS = "the a video of number moving red square on blue".split()
 GOOD_ROWS = [0, 1, 2, 3, 4, 5, 9, 10]  # rows of the manifest below that become pairs
-
-
-def build_tiny_wan(root: Path) -> Path:
-    """vae/ (AutoencoderKLWan), text_encoder/ (UMT5EncoderModel), tokenizer/: Wan's layout at toy sizes."""
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=LATENTS_MEAN,
-                           latents_std=LATENTS_STD)
-    vae.save_pretrained(str(root / "vae"), safe_serialization=True)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    for i in range(10):
-        vocab[str(i)] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=512).save_pretrained(str(root / "tokenizer"))
-    config = UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    UMT5EncoderModel(config).save_pretrained(str(root / "text_encoder"), safe_serialization=True)
-    return root
 
 
 def write_video(path: Path, seed: int, num_frames: int = 16, fps: int = 16, size: tuple[int, int] = (SIDE, SIDE)):

@@ -1,7 +1,8 @@
 """tools/export.py, tools/sample.py and tools/score.py on tiny models built from config, nothing downloaded.
 
 Export is checked against a real 2-process ZeRO-3 (and ZeRO-2) run through the `deepspeed` launcher;
-sampling runs a tiny SDXL pipeline (tests/tiny_sdxl.py) with an exported UNet; scoring uses a tiny CLIP.
+sampling runs a tiny SDXL pipeline (tests/tiny_sdxl.py) with an exported UNet, and a tiny WanPipeline;
+scoring uses a tiny CLIP.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch
 from PIL import Image
 
 from conftest import REPO, deepspeed_train, env, write_run_config
-from tiny_sdxl import RESOLUTION, build_tiny_clip, build_tiny_sd15, build_tiny_sdxl
+from tiny_sdxl import RESOLUTION, build_tiny_clip, build_tiny_sd15, build_tiny_sdxl, build_tiny_wan
 
 PROMPTS = ["the red cat", "", "a blue house, 3 windows", "the dog!"]  # the blank line is skipped
 NUM_PROMPTS = 3
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+SIDES = ("reference", "policy")
 
 
 def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -266,6 +268,108 @@ def test_sample_refuses_bad_inputs(base, policy_unet, tmp_path):
     prompts.write_text("a cat\n")
     assert sample.main(sample_args(base, tmp_path / "nowhere", prompts, tmp_path / "o")) == 2
     assert sample.main(sample_args(tmp_path, policy_unet, prompts, tmp_path / "o")) == 2
+
+
+# ---------------------------------------------------------------- sample --family wan
+
+WAN_PROMPTS = ["a red square moving", "the blue video of number 3"]
+WAN_FRAMES, WAN_HEIGHT, WAN_WIDTH = 5, 16, 32  # 1 + 4k frames; sides multiples of 16 (VAE 8 x patch 2)
+
+
+def wan_args(base: Path, transformer: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    return ["--family", "wan", "--base", str(base), "--transformer", str(transformer), "--prompts", str(prompts),
+            "--out", str(out), "--steps", "2", "--guidance-scale", "2.0", "--height", str(WAN_HEIGHT),
+            "--width", str(WAN_WIDTH), "--num-frames", str(WAN_FRAMES), "--batch-size", "2", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Wan 2.1-layout base, a policy transformer with every weight perturbed, and sample.py's output."""
+    from diffusers import WanTransformer3DModel
+
+    root = tmp_path_factory.mktemp("wan")
+    base = build_tiny_wan(root / "base")
+    transformer = WanTransformer3DModel.from_pretrained(str(base / "transformer"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    transformer.save_pretrained(str(root / "policy"), safe_serialization=True)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(WAN_PROMPTS) + "\n")
+    assert load_tool("sample").main(wan_args(base, root / "policy", prompts, root / "out")) == 0
+    return {"base": base, "policy": root / "policy", "prompts": prompts, "out": root / "out"}
+
+
+def test_sample_wan_writes_strips_grid_and_records(wan):
+    """Each clip a strip of its frames (and an mp4 where PyAV is installed); the grid holds each prompt's
+    reference row above its policy row; samples.json names every file; the perturbed policy's clips differ."""
+    out = wan["out"]
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["family"] == "wan" and summary["num_frames"] == WAN_FRAMES and summary["fps"] == 16
+    assert summary["sampler"] == "unipc" and summary["policy_transformer"] == str(wan["policy"].resolve())
+    assert summary["reference_transformer"] == str((wan["base"] / "transformer").resolve())
+    records = summary["samples"]
+    assert [r["prompt"] for r in records] == WAN_PROMPTS and [r["seed"] for r in records] == [0, 1]
+    grid = pixels(out / "grid.png")
+    assert grid.shape == (2 * len(WAN_PROMPTS) * WAN_HEIGHT, WAN_FRAMES * WAN_WIDTH, 3)
+    for i, record in enumerate(records):
+        for row, side in enumerate(SIDES):
+            strip = pixels(out / record[side])
+            assert record[side] == f"{side}/{i:05d}.png"
+            assert strip.shape == (WAN_HEIGHT, WAN_FRAMES * WAN_WIDTH, 3) and strip.std() > 0
+            top = (2 * i + row) * WAN_HEIGHT
+            assert np.array_equal(grid[top:top + WAN_HEIGHT], strip)  # all 5 frames fit the grid's default 8
+            if importlib.util.find_spec("av") is None:
+                assert f"{side}_video" not in record
+                continue
+            import av
+
+            with av.open(str(out / record[f"{side}_video"])) as container:
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            assert len(frames) == WAN_FRAMES and frames[0].shape == (WAN_HEIGHT, WAN_WIDTH, 3)
+    for record in records:
+        assert not np.array_equal(pixels(out / record["reference"]), pixels(out / record["policy"]))
+    assert not np.array_equal(pixels(out / records[0]["reference"]), pixels(out / records[1]["reference"]))
+
+
+def test_sample_wan_same_seed_same_frames(wan, tmp_path):
+    """A rerun (another grid) gives the very same frames; another batch size the same up to rounding;
+    another seed other frames."""
+    first = json.loads((wan["out"] / "samples.json").read_text())["samples"]
+    assert load_tool("sample").main(wan_args(wan["base"], wan["policy"], wan["prompts"], tmp_path / "a",
+                                             "--grid-frames", "3", "--grid-rows", "1")) == 0
+    assert json.loads((tmp_path / "a" / "samples.json").read_text())["samples"] == first
+    for record in first:
+        for side in SIDES:
+            assert np.array_equal(pixels(tmp_path / "a" / record[side]), pixels(wan["out"] / record[side])), record
+    assert load_tool("sample").main(wan_args(wan["base"], wan["policy"], wan["prompts"], tmp_path / "one",
+                                             "--batch-size", "1")) == 0
+    for record in first:
+        for side in SIDES:
+            np.testing.assert_allclose(pixels(tmp_path / "one" / record[side]).astype(int),
+                                       pixels(wan["out"] / record[side]).astype(int), atol=1)
+    strips = [pixels(tmp_path / "a" / first[0][side]) for side in SIDES]
+    shown = [np.concatenate([s[:, f * WAN_WIDTH:(f + 1) * WAN_WIDTH] for f in (0, 2, 4)], axis=1) for s in strips]
+    assert np.array_equal(pixels(tmp_path / "a" / "grid.png"), np.concatenate(shown, axis=0))
+    assert load_tool("sample").main(wan_args(wan["base"], wan["policy"], wan["prompts"], tmp_path / "b",
+                                             "--seed", "5")) == 0
+    assert not np.array_equal(pixels(tmp_path / "b" / first[0]["policy"]), pixels(wan["out"] / first[0]["policy"]))
+
+
+def test_sample_wan_refuses_what_it_cannot_sample_and_score_refuses_clips(wan, clip, tmp_path, capsys):
+    sample = load_tool("sample")
+    base, policy, prompts = wan["base"], wan["policy"], wan["prompts"]
+    args = wan_args(base, policy, prompts, tmp_path / "x")
+    assert sample.main([a for a in args if a not in ("--num-frames", str(WAN_FRAMES))]) == 2
+    assert "pass --num-frames" in capsys.readouterr().err
+    assert sample.main(args + ["--num-frames", "6"]) == 2
+    assert "num_frames 6: Wan's VAE needs 1 + 4·k frames" in capsys.readouterr().err
+    assert sample.main(args + ["--sampler", "ddim"]) == 2
+    assert "one of ['unipc', 'euler']" in capsys.readouterr().err
+    assert load_tool("score").main(score_args(wan["out"], clip, tmp_path / "s.json")) == 2
+    assert "holds video clips (5 frames, family wan); score.py scores images only" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
 
 
 # ---------------------------------------------------------------- score

@@ -1,8 +1,9 @@
 """Score reference vs policy samples with a CLIP-style preference model; the policy's win rate.
 
-Reads SAMPLES/samples.json and its images (tools/sample.py's output) and a local transformers
-CLIPModel folder with its tokenizer and image processor (PickScore, or HPS converted to
-transformers' CLIP format; --processor when they live in another folder, as PickScore's do).
+Reads SAMPLES/samples.json and its images (tools/sample.py's output for an image family; video clips
+are refused) and a local transformers CLIPModel folder with its tokenizer and image processor
+(PickScore, or HPS converted to transformers' CLIP format; --processor when they live in another
+folder, as PickScore's do).
 Each image's score for its prompt is logit_scale * cos(image embedding, text embedding), the
 PickScore formula. Per prompt the policy wins (1), ties (1/2: identical scores) or loses (0) against
 the reference; the win rate is the mean over prompts, with a percentile bootstrap 95% interval over
@@ -42,7 +43,14 @@ def read_samples(samples_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         raise ValueError(f"--samples: {path} does not exist; pass the --out folder of tools/sample.py")
     with open(path) as f:
-        records = json.load(f)["samples"]
+        summary = json.load(f)
+    if summary.get("num_frames") is not None:
+        # A CLIP-style image scorer judges one picture against the prompt; a clip's motion, the part a
+        # video preference model is for, would not enter its score, so the win rate would mislead.
+        raise ValueError(f"{path} holds video clips ({summary['num_frames']} frames, family {summary['family']}); "
+                         "score.py scores images only: compare the clips in grid.png and the .mp4 files, or "
+                         "score them with a video preference model")
+    records = summary["samples"]
     if not records:
         raise ValueError(f"{path} lists no samples; rerun tools/sample.py with a non-empty prompt file")
     for record in records:

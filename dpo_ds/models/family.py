@@ -22,7 +22,9 @@ is built once per run from the run's model and data settings (dpo_ds.models.buil
   the error        error: prediction vs target reduced to a per-sample error, the mean over
                    non-batch dimensions (times any loss weight the family defines)
   sampling         BASE_PARTS and pipeline: the diffusers pipeline that samples with a denoiser,
-                   from the other components of a base model folder (tools/sample.py);
+                   from the other components of a base model folder (tools/sample.py); SAMPLERS and
+                   sampling_scheduler: its deterministic samplers on the base's scheduler config;
+                   sample: the pipeline run on prompts and seeded generators, as uint8 frames;
                    sampling_kwargs: the conditioning arguments of a denoiser sampled directly
                    (tools/toy_world.py)
   a toy model      TINY_DENOISER_CONFIG, SCHEDULER_CONFIG, denoiser_from_config and tiny: a small
@@ -40,6 +42,7 @@ import os
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from dpo_ds.encode import Geometry
@@ -116,6 +119,23 @@ class Family(ABC):
         """The family's diffusers pipeline: BASE_PARTS loaded from the folder `base`, with `denoiser` and
         `scheduler`, components in `dtype`, its progress bar off."""
 
+    SAMPLERS: ClassVar[tuple[str, ...]]  # the deterministic samplers sampling_scheduler builds, the default first
+    FPS: ClassVar[int]  # video families (LATENT_LAYOUT "CFHW") only: the frame rate their clips are played at
+
+    @staticmethod
+    @abstractmethod
+    def sampling_scheduler(scheduler_config: dict, sampler: str):
+        """The diffusers scheduler `sampler` (one of SAMPLERS) on the base model's scheduler config: one that
+        adds no noise of its own while sampling, so the starting noise fixes the sample."""
+
+    @staticmethod
+    @abstractmethod
+    def sample(pipe, prompts: list[str], generators: list[torch.Generator], *, steps: int, guidance_scale: float,
+               height: int, width: int, num_frames: int | None) -> np.ndarray:
+        """[N, F, height, width, 3] uint8: the pipeline's samples of the N prompts, prompt i started from the
+        noise of generators[i]; F = 1 for an image family, `num_frames` for a video family (which then
+        must not be None). Raises ValueError naming the size the family cannot sample."""
+
     @abstractmethod
     def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
         """The denoiser's conditioning arguments, in `dtype`, for n samples that are all conditioned as the
@@ -186,3 +206,8 @@ class Family(ABC):
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample errors [B], [B] of `model` on winners and losers (one forward of 2B samples)."""
         return self.error(self.predict(model, x_t, t, batch, dtype), target, t).chunk(2)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """A pipeline's float pixels in [0, 1] as uint8, rounded as diffusers' numpy_to_pil rounds them."""
+    return (pixels * 255).round().astype(np.uint8)

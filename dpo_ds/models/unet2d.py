@@ -8,10 +8,11 @@ from __future__ import annotations
 import importlib.util
 from abc import abstractmethod
 
+import numpy as np
 import torch
 
 from dpo_ds.models.ddpm import DDPMProcess, uniform_timestep
-from dpo_ds.models.family import Family
+from dpo_ds.models.family import Family, to_uint8
 
 
 class DDPMUNet2D(Family):
@@ -79,6 +80,30 @@ class DDPMUNet2D(Family):
         if dtype != torch.float32:
             unet = unet.to(dtype)
         unet.save_pretrained(out_dir, safe_serialization=True)
+
+    # ------------------------------------------------------------ sampling
+
+    SAMPLERS = ("euler", "ddim")
+
+    @staticmethod
+    def sampling_scheduler(scheduler_config: dict, sampler: str):
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+        # Both keep the base model's betas, prediction type and timestep spacing; neither adds noise
+        # during sampling (DDIM's eta and Euler's churn default to 0), so the seed fixes the image.
+        # DDIM's default clip_sample=True would clamp predicted latents to [-1, 1], where they do not live.
+        assert sampler in DDPMUNet2D.SAMPLERS, sampler
+        if sampler == "ddim":
+            return DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+        return EulerDiscreteScheduler.from_config(scheduler_config)
+
+    @staticmethod
+    def sample(pipe, prompts: list[str], generators: list[torch.Generator], *, steps: int, guidance_scale: float,
+               height: int, width: int, num_frames: int | None) -> np.ndarray:
+        assert num_frames is None, "an image family samples one frame"
+        images = pipe(prompt=prompts, generator=generators, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      height=height, width=width, output_type="np").images
+        return to_uint8(images)[:, None]
 
     # ------------------------------------------------------------ the draw and the forward process
 

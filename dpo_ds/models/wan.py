@@ -24,9 +24,10 @@ import importlib.util
 import math
 import os
 
+import numpy as np
 import torch
 
-from dpo_ds.models.family import Family
+from dpo_ds.models.family import Family, to_uint8
 
 TEXT_SEQ_LEN = 512  # WanPipeline's max_sequence_length, and tools/encode_pairs.py's default for wan
 
@@ -191,6 +192,40 @@ class Wan(Family):
             transformer=transformer, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    SAMPLERS = ("unipc", "euler")
+    FPS = 16  # Wan 2.1's frame rate: its training clips', and its pipeline's output's
+
+    @staticmethod
+    def sampling_scheduler(scheduler_config: dict, sampler: str):
+        """unipc: UniPC on flow sigmas, the solver Wan 2.1 ships; euler: the flow-matching Euler method.
+        Both at the base scheduler's shift, and both deterministic (neither draws noise after the start)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+        assert sampler in Wan.SAMPLERS, sampler
+        shift = scheduler_shift(scheduler_config)
+        num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+        if sampler == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+        return UniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=shift)
+
+    @staticmethod
+    def sample(pipe, prompts: list[str], generators: list[torch.Generator], *, steps: int, guidance_scale: float,
+               height: int, width: int, num_frames: int | None) -> np.ndarray:
+        # WanPipeline would round a size it cannot sample and only log a warning; refuse it instead, so
+        # that the frames written are the frames asked for.
+        temporal = pipe.vae_scale_factor_temporal
+        if num_frames is None or num_frames < 1 or (num_frames - 1) % temporal:
+            raise ValueError(f"num_frames {num_frames}: Wan's VAE needs 1 + {temporal}·k frames "
+                             f"(81 for Wan 2.1, 5 for a toy run)")
+        multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        if height % multiple or width % multiple:
+            raise ValueError(f"height {height} and width {width} must be multiples of {multiple} "
+                             "(the VAE's spatial factor times the transformer's patch size)")
+        frames = pipe(prompt=prompts, generator=generators, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      height=height, width=width, num_frames=num_frames, output_type="np").frames
+        return to_uint8(frames)
 
     def sampling_kwargs(self, sample: dict[str, torch.Tensor], n: int, dtype: torch.dtype) -> dict:
         """The transformer's conditioning for n samples conditioned as `sample`'s winner."""
