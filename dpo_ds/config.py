@@ -29,6 +29,7 @@ class ModelConfig(_Section):
     family: str = "sdxl"
     """Model family (dpo_ds/models/): the denoiser class, its conditioning, latent layout, forward process
     and the law of each pair's draw. `sdxl`: SDXL; `sd15`: SD 1.5 and SD 2.x (one CLIP text encoder);
+    `unet3d`: ModelScope / Zeroscope text-to-video (UNet3DConditionModel, one CLIP text encoder, DDPM);
     `wan`: Wan 2.1 text-to-video (a transformer trained by flow matching; docs/design.md §9)."""
     pretrained_path: str | None = None
     """Local diffusers model folder holding the family's denoiser (`unet/` or `transformer/`) and `scheduler/`.

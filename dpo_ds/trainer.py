@@ -74,7 +74,7 @@ class Trainer:
         refs = reference.for_training(cfg, family, shards, val_shards, denoiser, ds_config, dtype)
         self.reference, self.val_reference, self.drift_reference = refs.train, refs.val, refs.drift
         if cfg.model.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            self.family.enable_gradient_checkpointing(denoiser)
         self.policy = engine.Policy(denoiser, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
                                     cfg.optim, cfg.train.max_steps)
 

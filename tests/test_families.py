@@ -1,6 +1,7 @@
-"""Every family other than SDXL (the image family SD 1.5, the video transformer Wan) end to end through the
-real `deepspeed` launcher: 2 CPU processes, ZeRO-3, the live offloaded reference and then the reference
-cache (with empty-prompt dropout, which the cache must reproduce), export loaded back with diffusers.
+"""Every family other than SDXL (the image family SD 1.5, the text-to-video UNet unet3d, the video transformer
+Wan) end to end through the real `deepspeed` launcher: 2 CPU processes, ZeRO-3, the live offloaded reference
+and then the reference cache (with empty-prompt dropout, which the cache must reproduce), export loaded back
+with diffusers.
 (SDXL's runs are tests/test_e2e.py and tests/test_reference_cache.py.)"""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dpo_ds.models import family_class
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["sd15", "wan"]
+FAMILIES = ["sd15", "unet3d", "wan"]
 MAX_STEPS = 3  # 16 pairs / (2 ranks x 2 pairs) = 4 micro-batches per epoch: all at draw index 0
 
 
