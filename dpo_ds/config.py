@@ -42,6 +42,12 @@ class ModelConfig(_Section):
     """Override the scheduler's prediction type (what the denoiser predicts)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch SDPA, or xformers (GPU, must be installed: `pip install .[xformers]`)."""
+    trainable: list[str] | None = None
+    """Which of the denoiser's parameters train: shell-style patterns (Python's fnmatch, case-sensitive; `*`
+    matches any characters, dots included) matched against the names of its `named_parameters()`, e.g.
+    `["up_blocks.*"]` or `["*.attn2.to_k.*", "*.attn2.to_v.*"]`. Every other parameter is frozen: no gradient,
+    no optimizer state, unchanged by training; checkpoints and exports still hold the whole model. null:
+    every parameter. A pattern that matches no parameter is an error at start."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of the policy: less memory, ~30% more compute."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

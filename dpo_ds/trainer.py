@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds import engine, reference
+from dpo_ds import engine, models, reference
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards, prompt_dropout
 from dpo_ds.dtypes import DTYPES
@@ -64,6 +64,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank (from-config models)
         denoiser = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
         self.family.set_attention(denoiser, cfg.model.attention)
+        models.select_trainable(denoiser, cfg.model.trainable)
         self.denoiser_config = dict(denoiser.config)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft

@@ -8,8 +8,11 @@ wrapping it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+
+import torch
 
 from dpo_ds.models.family import Family
 from dpo_ds.models.sd15 import SD15
@@ -54,3 +57,17 @@ def build(cfg) -> Family:
     scheduler = load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
     return cls.from_settings(cfg.model, cfg.data, scheduler)
 
+
+def select_trainable(denoiser: torch.nn.Module, patterns: list[str] | None) -> None:
+    """Freeze every parameter of `denoiser` whose name matches none of `patterns` (model.trainable, fnmatch);
+    None keeps all trainable. Raises ValueError naming the setting for a pattern that matches no parameter,
+    or an empty list (nothing to train)."""
+    if patterns is None:
+        return
+    names = [name for name, _ in denoiser.named_parameters()]
+    unmatched = [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
+    if unmatched or not patterns:
+        raise ValueError(f"model.trainable: {unmatched or patterns} match no parameter of the denoiser; patterns are "
+                         f"fnmatch-style on parameter names such as {names[0]!r} (`*` matches dots too)")
+    for name, param in denoiser.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))
