@@ -64,7 +64,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank (from-config models)
         denoiser = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
         self.family.set_attention(denoiser, cfg.model.attention)
-        models.select_trainable(denoiser, cfg.model.trainable)
+        models.select_trainable(denoiser, cfg.model.trainable if cfg.model.trainable is not None
+                                else family.DEFAULT_TRAINABLE)
         self.denoiser_config = dict(denoiser.config)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft

@@ -304,7 +304,8 @@ def test_unet3d_family_encodes_each_frame_with_the_image_vae_and_samples_with_it
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from dpo_ds.models import unet3d
+    from dpo_ds.encode import PreparedVideoPair
+    from dpo_ds.models import encoder_class, unet3d
     from tiny_sdxl import build_tiny_sd15
 
     model = build_tiny_sd15(tmp_path / "model")  # vae/, text_encoder/, tokenizer/ are what unet3d reads
@@ -345,6 +346,15 @@ def test_unet3d_family_encodes_each_frame_with_the_image_vae_and_samples_with_it
     frames = pipe("a red square", num_frames=3, height=SIDE, width=SIDE, num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0), output_type="pt").frames
     assert tuple(frames.shape) == (1, 3, 3, SIDE, SIDE)  # [B, F, 3, H, W]
+
+    # --family motion (AnimateDiff) encodes as unet3d does; only the family its shards name differs.
+    pixels = torch.randint(0, 256, (2, 3, 3, SIDE, SIDE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pair = PreparedVideoPair("k", 0, "a red square", pixels[0], pixels[1], {}, False, 0)
+    samples = {name: next(encoder_class(name)(str(model), None, torch.device("cpu"), torch.float32, NUM_TOKENS)
+                          .samples([pair], torch.float16, {})) for name in ("unet3d", "motion")}
+    assert samples["motion"][1]["family"] == "motion" and samples["motion"][1]["latent_layout"] == "CFHW"
+    assert all(torch.equal(samples["motion"][0][n], samples["unet3d"][0][n]) for n in samples["unet3d"][0])
+    assert samples["motion"][0]["latents_w"].shape == (4, 3, 4, 4)
 
 
 def _with_family(args: list[str], family: str) -> list[str]:

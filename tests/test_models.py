@@ -172,7 +172,8 @@ def _video_batch(b=3, frames=3):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_unet3d_noises_cfhw_clips_with_the_ddpm_formulas(prediction_type):
-    """Every frame of a clip at the pair's one timestep: x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε; target ε or v."""
+    """Every frame of a clip at the pair's one timestep: x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε; target ε or
+    v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0."""
     family = _unet3d(prediction_type)
     assert family.LATENT_LAYOUT == "CFHW" and family.draw_law()["prediction_type"] == prediction_type
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # ModelScope's scaled_linear
@@ -242,3 +243,42 @@ def test_unet3d_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients
     checkpointed = grads()
     assert len(calls) == 2  # once in the forward, once more when the backward recomputes the block
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(plain, checkpointed))
+
+
+# ------------------------------------------------------------ motion: AnimateDiff's UNetMotionModel, CFHW
+
+def test_motion_trains_its_motion_modules_by_default_and_conditions_every_frame_on_the_prompt(tmp_path):
+    from diffusers import DDIMScheduler, UNetMotionModel
+
+    from dpo_ds.models.motion import Motion
+    from tiny_sdxl import build_tiny_sd15
+
+    family = Motion(Motion.SCHEDULER_CONFIG, None, 64, 8)
+    assert models.family_class("motion") is Motion and family.LATENT_LAYOUT == "CFHW"
+    assert family.sample_schema(family.TINY_DENOISER_CONFIG) == {
+        "latents_w": None, "latents_l": None, "prompt_embeds": (77, 32)}
+    torch.manual_seed(0)
+    unet = family.denoiser_from_config(family.TINY_DENOISER_CONFIG).eval()
+    assert isinstance(unet, UNetMotionModel)
+    models.select_trainable(unet, family.DEFAULT_TRAINABLE)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in unet.named_parameters() if "motion_modules." in n}
+    assert any(n.startswith("mid_block.") for n in trainable) and any(n.startswith("up_blocks.") for n in trainable)
+
+    batch = _video_batch()
+    x_t, target, t = family.noisy_pair(batch)
+    with torch.no_grad():
+        e_w, e_l = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
+        # Loser 1 (sample 4 of the 2B): pair 1's prompt once per frame, as AnimateDiffPipeline passes it.
+        prompt = batch["prompt_embeds"][1:2].repeat_interleave(3, dim=0)
+        pred = unet(x_t[4:5], t[4:5].long(), encoder_hidden_states=prompt, return_dict=False)[0]
+        sampled = unet(x_t[4:5], t[4:5].long(), return_dict=False, **family.sampling_kwargs(
+            {"prompt_embeds": batch["prompt_embeds"][1], "latents_w": batch["latents_w"][1]}, 1, torch.float32))[0]
+    assert math.isclose(e_l[1].item(), (pred - target[4:5]).pow(2).mean().item(), rel_tol=1e-4)
+    assert torch.allclose(sampled, pred, atol=1e-6)
+
+    base = build_tiny_sd15(tmp_path / "base")  # vae/, text_encoder/, tokenizer/ of SD 1.5's layout
+    pipe = family.pipeline(str(base), unet, DDIMScheduler.from_config(family.SCHEDULER_CONFIG), torch.float32)
+    frames = pipe("a red square", num_frames=3, height=64, width=64, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert tuple(frames.shape) == (1, 3, 3, 64, 64)  # [B, F, 3, H, W]

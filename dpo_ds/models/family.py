@@ -52,6 +52,8 @@ class Family(ABC):
     DENOISER_SUBFOLDER: ClassVar[str]   # the diffusers folder's "unet" or "transformer"
     TINY_DENOISER_CONFIG: ClassVar[dict]  # the family's denoiser at toy width (a diffusers config)
     SCHEDULER_CONFIG: ClassVar[dict]      # the family's training scheduler (a diffusers scheduler config)
+    # model.trainable's default: parameter-name patterns (dpo_ds.models.select_trainable); None: all train
+    DEFAULT_TRAINABLE: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     @abstractmethod

@@ -1,5 +1,5 @@
-"""The unet3d family's encoder: captions and videos to the unet3d family's shard samples (tools/encode_pairs.py
---family unet3d), for ModelScope / Zeroscope-layout text-to-video folders.
+"""The unet3d and motion families' encoder: captions and videos to their shard samples (tools/encode_pairs.py
+--family unet3d or motion), for ModelScope / Zeroscope and AnimateDiff (SD 1.5) folders.
 
 Legend: B = pairs in a batch, N = clips, F = frames of a clip. Per pair: latents [4 x F x H/8 x W/8] (SD's
 AutoencoderKL applied to each frame, times its scaling_factor: one latent frame per frame), prompt_embeds
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpo_ds.encode import PreparedVideoPair
+from dpo_ds.models.motion import Motion
 from dpo_ds.models.sd15_encoder import SD15Encoder
 from dpo_ds.models.unet3d import UNet3D
 
@@ -21,6 +22,7 @@ class UNet3DEncoder(SD15Encoder):
 
     IS_VIDEO = True
     BATCH_SIZE = 1  # a clip is already a batch of frames through the VAE
+    FAMILY = UNet3D  # the family whose shards it writes
 
     def __init__(self, model_path: str, vae_path: str | None, device: torch.device, dtype: torch.dtype,
                  max_sequence_length: int):
@@ -40,14 +42,20 @@ class UNet3DEncoder(SD15Encoder):
         return torch.stack(latents)
 
     def samples(self, batch: list[PreparedVideoPair], store_dtype: torch.dtype, source: dict):
-        """(tensors, meta) of each pair of the batch, as the unet3d family's shards hold them."""
+        """(tensors, meta) of each pair of the batch, as the FAMILY's shards hold them."""
         latents_w, latents_l = self.encode_videos(torch.stack([p.pixels_w for p in batch] +
                                                               [p.pixels_l for p in batch])).chunk(2)
         prompt_embeds = self.encode_prompts([p.caption for p in batch])
         for i, pair in enumerate(batch):
             tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
                        "prompt_embeds": prompt_embeds[i].cpu().to(store_dtype)}
-            meta = {"caption": pair.caption, "family": UNet3D.NAME, "latent_layout": UNet3D.LATENT_LAYOUT,
+            meta = {"caption": pair.caption, "family": self.FAMILY.NAME, "latent_layout": self.FAMILY.LATENT_LAYOUT,
                     "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, "label": 1.0,
                     "source": {"tool": "encode_pairs", **source, **pair.source}}
             yield tensors, meta
+
+
+class MotionEncoder(UNet3DEncoder):
+    """AnimateDiff (the motion family) conditions and decodes as TextToVideoSDPipeline: the same encoder."""
+
+    FAMILY = Motion
