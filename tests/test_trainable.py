@@ -5,7 +5,6 @@ export and the checkpoint still hold the whole model."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
