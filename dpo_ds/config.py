@@ -29,6 +29,8 @@ class ModelConfig(_Section):
     family: str = "sdxl"
     """Model family (dpo_ds/models/): the denoiser class, its conditioning, latent layout, forward process
     and the law of each pair's draw. `sdxl`: SDXL; `sd15`: SD 1.5 and SD 2.x (one CLIP text encoder);
+    `unet3d`: ModelScope / Zeroscope text-to-video (UNet3DConditionModel, one CLIP text encoder, DDPM);
+    `motion`: AnimateDiff (UNetMotionModel: SD 1.5 with motion modules, which alone train by default);
     `wan`: Wan 2.1 text-to-video (a transformer trained by flow matching; docs/design.md §9)."""
     pretrained_path: str | None = None
     """Local diffusers model folder holding the family's denoiser (`unet/` or `transformer/`) and `scheduler/`.
@@ -41,6 +43,13 @@ class ModelConfig(_Section):
     """Override the scheduler's prediction type (what the denoiser predicts)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch SDPA, or xformers (GPU, must be installed: `pip install .[xformers]`)."""
+    trainable: list[str] | None = None
+    """Which of the denoiser's parameters train: shell-style patterns (Python's fnmatch, case-sensitive; `*`
+    matches any characters, dots included) matched against the names of its `named_parameters()`, e.g.
+    `["up_blocks.*"]` or `["*.attn2.to_k.*", "*.attn2.to_v.*"]`. Every other parameter is frozen: no gradient,
+    no optimizer state, unchanged by training; checkpoints and exports still hold the whole model. null:
+    the family's default, every parameter except for `motion` (its motion modules, `*motion_modules.*`);
+    `["*"]` trains all. A pattern that matches no parameter is an error at start."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of the policy: less memory, ~30% more compute."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds import engine, reference
+from dpo_ds import engine, models, reference
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards, prompt_dropout
 from dpo_ds.dtypes import DTYPES
@@ -64,6 +64,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank (from-config models)
         denoiser = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
         self.family.set_attention(denoiser, cfg.model.attention)
+        models.select_trainable(denoiser, cfg.model.trainable if cfg.model.trainable is not None
+                                else family.DEFAULT_TRAINABLE)
         self.denoiser_config = dict(denoiser.config)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
@@ -74,7 +76,7 @@ class Trainer:
         refs = reference.for_training(cfg, family, shards, val_shards, denoiser, ds_config, dtype)
         self.reference, self.val_reference, self.drift_reference = refs.train, refs.val, refs.drift
         if cfg.model.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            self.family.enable_gradient_checkpointing(denoiser)
         self.policy = engine.Policy(denoiser, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
                                     cfg.optim, cfg.train.max_steps)
 

@@ -269,3 +269,69 @@ def test_buckets_send_each_pair_to_its_aspect_ratio_and_the_most_frames_both_vid
     bad = encode("--family", "wan", "--manifest", str(videos / "pairs.jsonl"), "--model", str(world["model"]),
                  "--buckets", "32x32", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "FRAMESxHEIGHTxWIDTH" in bad.stderr
+
+
+def test_unet3d_family_encodes_each_frame_with_the_image_vae_and_samples_with_its_pipeline(world, tmp_path):
+    """--family unet3d (ModelScope / Zeroscope layout): SD's image VAE on each frame (one latent frame per
+    frame, times scaling_factor), one CLIP encoder's last states; the samples fit the unet3d family's
+    schema, its UNet predicts on them, and TextToVideoSDPipeline samples a clip with the family's parts."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from dpo_ds.encode import PreparedVideoPair
+    from dpo_ds.models import encoder_class, unet3d
+    from tiny_sdxl import build_tiny_sd15
+
+    model = build_tiny_sd15(tmp_path / "model")  # vae/, text_encoder/, tokenizer/ are what unet3d reads
+    common = [a if a != str(world["model"]) else str(model) for a in world["common"]]
+    summary = ok(encode(*_with_family(common, "unet3d"), "--out", str(tmp_path / "shards")))
+    assert summary["pairs_written"] == len(GOOD_ROWS)
+    vae = AutoencoderKL.from_pretrained(str(model / "vae")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+    text_encoder = CLIPTextModel.from_pretrained(str(model / "text_encoder")).eval()
+    pairs = by_row(read_pairs(tmp_path / "shards"))
+    meta, t = pairs[9]["meta"], pairs[9]["tensors"]  # label_1 wins; video_1 is 24 fps: frames 0, 3, 6, 9, 12
+    assert meta["family"] == "unet3d" and meta["latent_layout"] == "CFHW"
+    assert meta["scaling_factor"] == pytest.approx(0.18215) and meta["shift_factor"] is None
+    assert set(t) == {"latents_w", "latents_l", "prompt_embeds"}
+    assert t["latents_w"].shape == t["latents_l"].shape == (4, NUM_FRAMES, 4, 4)
+    decoded = decoded_frames(world["videos"] / "9_1.mp4")
+    x = torch.from_numpy(np.stack([decoded[i] for i in (0, 3, 6, 9, 12)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ids = tokenizer([meta["caption"]], padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.mode().permute(1, 0, 2, 3) * 0.18215  # [F, C, h, w] -> CFHW
+        states = text_encoder(ids).last_hidden_state[0]
+    torch.testing.assert_close(t["latents_w"].float(), expected, atol=3e-3, rtol=1e-2)
+    torch.testing.assert_close(t["prompt_embeds"].float(), states, atol=2e-3, rtol=1e-2)
+
+    family = unet3d.UNet3D.tiny(SIDE)
+    schema = family.sample_schema(family.TINY_DENOISER_CONFIG)
+    assert schema["prompt_embeds"] == tuple(t["prompt_embeds"].shape)
+    torch.manual_seed(0)
+    unet = family.denoiser_from_config(family.TINY_DENOISER_CONFIG).eval()
+    batch = {name: v[None].float() for name, v in t.items()}
+    batch |= {"noise": torch.randn_like(batch["latents_w"]), "t": torch.tensor([500.0], dtype=torch.float64)}
+    with torch.no_grad():
+        e_w, e_l = family.pair_errors(unet, batch, *family.noisy_pair(batch), torch.float32)
+    assert torch.isfinite(e_w).all() and torch.isfinite(e_l).all()
+
+    pipe = family.pipeline(str(model), unet, DDIMScheduler.from_config(family.SCHEDULER_CONFIG), torch.float32)
+    frames = pipe("a red square", num_frames=3, height=SIDE, width=SIDE, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert tuple(frames.shape) == (1, 3, 3, SIDE, SIDE)  # [B, F, 3, H, W]
+
+    # --family motion (AnimateDiff) encodes as unet3d does; only the family its shards name differs.
+    pixels = torch.randint(0, 256, (2, 3, 3, SIDE, SIDE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pair = PreparedVideoPair("k", 0, "a red square", pixels[0], pixels[1], {}, False, 0)
+    samples = {name: next(encoder_class(name)(str(model), None, torch.device("cpu"), torch.float32, NUM_TOKENS)
+                          .samples([pair], torch.float16, {})) for name in ("unet3d", "motion")}
+    assert samples["motion"][1]["family"] == "motion" and samples["motion"][1]["latent_layout"] == "CFHW"
+    assert all(torch.equal(samples["motion"][0][n], samples["unet3d"][0][n]) for n in samples["unet3d"][0])
+    assert samples["motion"][0]["latents_w"].shape == (4, 3, 4, 4)
+
+
+def _with_family(args: list[str], family: str) -> list[str]:
+    """world["common"] with --family FAMILY instead of wan."""
+    i = args.index("--family")
+    return [*args[:i + 1], family, *args[i + 2:]]

@@ -1,6 +1,8 @@
-"""Every family other than SDXL (the image family SD 1.5, the video transformer Wan) end to end through the
-real `deepspeed` launcher: 2 CPU processes, ZeRO-3, the live offloaded reference and then the reference
-cache (with empty-prompt dropout, which the cache must reproduce), export loaded back with diffusers.
+"""Every family other than SDXL (the image family SD 1.5, the text-to-video UNets unet3d and motion, the video
+transformer Wan) end to end through the real `deepspeed` launcher: 2 CPU processes, ZeRO-3, the live offloaded
+reference and then the reference cache (with empty-prompt dropout, which the cache must reproduce), export
+loaded back with diffusers; what the family trains by default moved, the rest (motion's frozen SD 1.5 UNet)
+bitwise unchanged.
 (SDXL's runs are tests/test_e2e.py and tests/test_reference_cache.py.)"""
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import pytest
 import torch
 
 from conftest import REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
-from dpo_ds.models import family_class
+from dpo_ds.models import family_class, select_trainable
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["sd15", "wan"]
+FAMILIES = ["sd15", "unet3d", "motion", "wan"]
 MAX_STEPS = 3  # 16 pairs / (2 ranks x 2 pairs) = 4 micro-batches per epoch: all at draw index 0
 
 
@@ -66,12 +68,18 @@ def test_family_trains_live_and_cached_alike_and_exports(family, tmp_path):
 
     cls = family_class(family)
     initial = _weights(data / "model" / cls.DENOISER_SUBFOLDER)
+    fresh = cls.denoiser_from_config(cls.TINY_DENOISER_CONFIG)
+    select_trainable(fresh, cls.DEFAULT_TRAINABLE)
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable and (family == "motion") == (trainable != {n for n, _ in fresh.named_parameters()})
     for run in ("live", "cache"):
         exported = tmp_path / run / "export" / cls.DENOISER_SUBFOLDER
         trained = _weights(exported)
         assert trained.keys() == initial.keys()
-        unmoved = [n for n in initial if torch.equal(initial[n], trained[n])]
+        unmoved = [n for n in trainable if torch.equal(initial[n], trained[n])]
         assert not unmoved, f"{run}: {len(unmoved)} parameters did not move: {unmoved[:5]}"
+        moved = [n for n in initial.keys() - trainable if not torch.equal(initial[n], trained[n])]
+        assert not moved, f"{run}: {len(moved)} frozen parameters changed: {moved[:5]}"
         # diffusers' from_pretrained of the family's class loads it back, and it is the family's tiny model
         denoiser = cls.denoiser_from_folder(str(exported), torch.float32)
         public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731

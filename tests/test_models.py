@@ -152,3 +152,133 @@ def test_missing_unet_folder_is_a_clear_error(tmp_path):
     for cls in models.FAMILIES.values():
         with pytest.raises(ValueError, match=f"has no {cls.DENOISER_SUBFOLDER}/config.json"):
             cls.load_denoiser(str(tmp_path), None)
+
+
+# ------------------------------------------------------------ unet3d: ModelScope-layout text-to-video UNet, CFHW
+
+def _unet3d(prediction_type=None, timestep_range=None) -> Family:
+    from dpo_ds.models.unet3d import UNet3D
+
+    return UNet3D(UNet3D.SCHEDULER_CONFIG, prediction_type, 64, 8, timestep_range)
+
+
+def _video_batch(b=3, frames=3):
+    g = torch.Generator().manual_seed(1)
+    batch = {name: torch.randn(b, 4, frames, 8, 8, generator=g) for name in ("latents_w", "latents_l", "noise")}
+    batch["prompt_embeds"] = torch.randn(b, 77, 32, generator=g)
+    batch["t"] = torch.tensor([5.0, 400.0, 990.0], dtype=torch.float64)
+    return batch
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unet3d_noises_cfhw_clips_with_the_ddpm_formulas(prediction_type):
+    """Every frame of a clip at the pair's one timestep: x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε; target ε or
+    v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0."""
+    family = _unet3d(prediction_type)
+    assert family.LATENT_LAYOUT == "CFHW" and family.draw_law()["prediction_type"] == prediction_type
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # ModelScope's scaled_linear
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    x0, eps = torch.randn(3, 4, 5, 8, 8), torch.randn(3, 4, 5, 8, 8)
+    t = torch.tensor([0.0, 499.0, 999.0], dtype=torch.float64)
+    x_t, target = family.noisy(x0, eps, t)
+    a = alphas_cumprod[t.long()].sqrt().view(-1, 1, 1, 1, 1)
+    s = (1 - alphas_cumprod[t.long()]).sqrt().view(-1, 1, 1, 1, 1)
+    assert torch.allclose(x_t.double(), a * x0.double() + s * eps.double(), atol=1e-5)
+    expected = eps.double() if prediction_type == "epsilon" else a * eps.double() - s * x0.double()
+    assert torch.allclose(target.double(), expected, atol=1e-5)
+    assert family.noise_level(t).tolist() == [0.0, 0.499, 0.999]
+
+
+def test_unet3d_draw_law_and_schema():
+    family = _unet3d(timestep_range=(100, 300))
+    ts = [noise.draw(0, f"k{i}", 0, (4, 3, 8, 8), family.draw_t)[0] for i in range(400)]
+    assert all(t == int(t) and 100 <= t < 300 for t in ts)
+    assert abs(sum(ts) / len(ts) - 199.5) < 6
+    assert family.draw_law()["timestep_range"] == [100, 300] and family.draw_law() != _unet3d().draw_law()
+    # The clip's frame count is an encoding choice: the latents' shape is open, the prompt's pinned.
+    assert family.sample_schema(family.TINY_DENOISER_CONFIG) == {
+        "latents_w": None, "latents_l": None, "prompt_embeds": (77, 32)}
+    assert models.family_class("unet3d") is type(family)
+
+
+def test_unet3d_predicts_winners_then_losers_of_bcfhw_clips_and_samples_as_it_trains():
+    from diffusers import UNet3DConditionModel
+
+    family = _unet3d()
+    torch.manual_seed(0)
+    unet = family.denoiser_from_config(family.TINY_DENOISER_CONFIG)
+    assert isinstance(unet, UNet3DConditionModel)
+    unet.train()  # the policy's mode: dropout is off, so two forwards agree
+    batch = _video_batch()
+    x_t, target, t = family.noisy_pair(batch)
+    assert x_t.shape == (6, 4, 3, 8, 8)
+    with torch.no_grad():
+        e_w, e_l = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
+        again = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
+        # Loser 1 (sample 4 of the 2B) is conditioned on pair 1's prompt, at pair 1's timestep.
+        pred = unet(x_t[4:5], t[4:5].long(), encoder_hidden_states=batch["prompt_embeds"][1:2], return_dict=False)[0]
+        sampled = unet(x_t[4:5], t[4:5].long(), **family.sampling_kwargs(
+            {"prompt_embeds": batch["prompt_embeds"][1]}, 1, torch.float32), return_dict=False)[0]
+    assert torch.equal(e_w, again[0]) and torch.equal(e_l, again[1])
+    assert math.isclose(e_l[1].item(), (pred - target[4:5]).pow(2).mean().item(), rel_tol=1e-4)
+    assert torch.allclose(sampled, pred, atol=1e-6)
+
+
+def test_unet3d_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients():
+    """diffusers' UNet3DConditionModel refuses enable_gradient_checkpointing; the family checkpoints its blocks."""
+    family = _unet3d()
+    torch.manual_seed(0)
+    unet = family.denoiser_from_config(family.TINY_DENOISER_CONFIG).train()
+    batch = _video_batch()
+    x_t, target, t = family.noisy_pair(batch)
+
+    def grads():
+        e_w, e_l = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
+        return torch.autograd.grad((e_w - e_l).sum(), list(unet.parameters()))
+
+    plain = grads()
+    family.enable_gradient_checkpointing(unet)
+    calls = []
+    unet.down_blocks[0].resnets[0].register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    checkpointed = grads()
+    assert len(calls) == 2  # once in the forward, once more when the backward recomputes the block
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(plain, checkpointed))
+
+
+# ------------------------------------------------------------ motion: AnimateDiff's UNetMotionModel, CFHW
+
+def test_motion_trains_its_motion_modules_by_default_and_conditions_every_frame_on_the_prompt(tmp_path):
+    from diffusers import DDIMScheduler, UNetMotionModel
+
+    from dpo_ds.models.motion import Motion
+    from tiny_sdxl import build_tiny_sd15
+
+    family = Motion(Motion.SCHEDULER_CONFIG, None, 64, 8)
+    assert models.family_class("motion") is Motion and family.LATENT_LAYOUT == "CFHW"
+    assert family.sample_schema(family.TINY_DENOISER_CONFIG) == {
+        "latents_w": None, "latents_l": None, "prompt_embeds": (77, 32)}
+    torch.manual_seed(0)
+    unet = family.denoiser_from_config(family.TINY_DENOISER_CONFIG).eval()
+    assert isinstance(unet, UNetMotionModel)
+    models.select_trainable(unet, family.DEFAULT_TRAINABLE)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in unet.named_parameters() if "motion_modules." in n}
+    assert any(n.startswith("mid_block.") for n in trainable) and any(n.startswith("up_blocks.") for n in trainable)
+
+    batch = _video_batch()
+    x_t, target, t = family.noisy_pair(batch)
+    with torch.no_grad():
+        e_w, e_l = family.pair_errors(unet, batch, x_t, target, t, torch.float32)
+        # Loser 1 (sample 4 of the 2B): pair 1's prompt once per frame, as AnimateDiffPipeline passes it.
+        prompt = batch["prompt_embeds"][1:2].repeat_interleave(3, dim=0)
+        pred = unet(x_t[4:5], t[4:5].long(), encoder_hidden_states=prompt, return_dict=False)[0]
+        sampled = unet(x_t[4:5], t[4:5].long(), return_dict=False, **family.sampling_kwargs(
+            {"prompt_embeds": batch["prompt_embeds"][1], "latents_w": batch["latents_w"][1]}, 1, torch.float32))[0]
+    assert math.isclose(e_l[1].item(), (pred - target[4:5]).pow(2).mean().item(), rel_tol=1e-4)
+    assert torch.allclose(sampled, pred, atol=1e-6)
+
+    base = build_tiny_sd15(tmp_path / "base")  # vae/, text_encoder/, tokenizer/ of SD 1.5's layout
+    pipe = family.pipeline(str(base), unet, DDIMScheduler.from_config(family.SCHEDULER_CONFIG), torch.float32)
+    frames = pipe("a red square", num_frames=3, height=64, width=64, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert tuple(frames.shape) == (1, 3, 3, 64, 64)  # [B, F, 3, H, W]

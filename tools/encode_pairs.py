@@ -24,6 +24,11 @@ With --family wan, one sample per pair of videos (latent_layout "CFHW"):
                    prompt_embeds [--max-sequence-length, 4096] (UMT5, zero past the prompt) in --store-dtype
   Frame k of a clip is the source frame on screen at k / --fps s; videos too short for
   --num-frames are dropped ("short video") or, with --short-clips pad, end in repeats of their last frame.
+With --family unet3d (ModelScope / Zeroscope text-to-video), the same with SD's image VAE on each frame:
+  KEY.json         {caption, family: "unet3d", latent_layout: "CFHW", scaling_factor (the VAE's), shift_factor:
+                    null, label: 1.0, source: {... as for wan}}
+  KEY.safetensors  latents_w, latents_l [4, F, H/8, W/8] (one latent frame per frame, times scaling_factor),
+                   prompt_embeds [77, D] (CLIP's last hidden states) in --store-dtype
 KEY is the --key-column value, else a hash of the caption and both files' bytes.
 
 Shape buckets: image families take --buckets HxW [HxW ...] replaces the square --resolution. Each pair goes to the
@@ -79,10 +84,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--manifest", nargs="+", required=True, help="Parquet/JSONL/CSV file(s), read in this order")
     p.add_argument("--family", choices=sorted(ENCODERS), default="sdxl",
                    help="sdxl, sd15 (SD 1.5 / 2.x): pairs of images; wan: pairs of videos (Wan 2.1 T2V: "
-                   "AutoencoderKLWan + UMT5)")
+                   "AutoencoderKLWan + UMT5); unet3d: pairs of videos (ModelScope / Zeroscope: SD's VAE per "
+                   "frame + CLIP)")
     p.add_argument("--model", required=True,
                    help="diffusers folder; sdxl: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; "
-                   "sd15: vae/, text_encoder/, tokenizer/; wan: vae/, text_encoder/, tokenizer/")
+                   "sd15, unet3d, wan: vae/, text_encoder/, tokenizer/")
     p.add_argument("--vae", default=None, help="VAE folder to use instead of MODEL/vae "
                    "(e.g. an fp16-safe SDXL VAE)")
     p.add_argument("--out", required=True, help="folder for the training shards")
@@ -105,14 +111,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "to the most frames of it that both videos fill")
     p.add_argument("--height", type=int, default=None, help="video families: frame height (default --resolution)")
     p.add_argument("--width", type=int, default=None, help="video families: frame width (default --resolution)")
-    p.add_argument("--num-frames", type=int, default=81, help="video families: frames per clip (Wan: 4k + 1)")
+    p.add_argument("--num-frames", type=int, default=81, help="video families: frames per clip (Wan: 4k + 1; unet3d: any)")
     p.add_argument("--fps", type=float, default=16.0,
                    help="video families: frames are sampled at this rate from the start of each video")
     p.add_argument("--short-clips", choices=["drop", "pad"], default="drop",
                    help="videos shorter than --num-frames at --fps: drop the pair, or repeat the last frame "
                    "(counted either way)")
     p.add_argument("--max-sequence-length", type=int, default=512,
-                   help="wan: text tokens per prompt (WanPipeline's default 512)")
+                   help="wan: text tokens per prompt (WanPipeline's default 512; unet3d: CLIP's 77, always)")
     p.add_argument("--crop", choices=["center", "random"], default="center",
                    help="random: one crop per image, seeded from --seed and the key, recorded in the json")
     p.add_argument("--seed", type=int, default=0)

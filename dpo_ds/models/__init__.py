@@ -8,20 +8,27 @@ wrapping it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 
+import torch
+
 from dpo_ds.models.family import Family
+from dpo_ds.models.motion import Motion
 from dpo_ds.models.sd15 import SD15
 from dpo_ds.models.sd15_encoder import SD15Encoder
 from dpo_ds.models.sdxl import SDXL
 from dpo_ds.models.sdxl_encoder import SDXLEncoder
+from dpo_ds.models.unet3d import UNet3D
+from dpo_ds.models.unet3d_encoder import MotionEncoder, UNet3DEncoder
 from dpo_ds.models.wan import Wan
 from dpo_ds.models.wan_encoder import WanEncoder
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15, "wan": Wan}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15, "unet3d": UNet3D, "motion": Motion, "wan": Wan}
 # Family name -> its encoder: captions and pixels to the family's shard samples (tools/encode_pairs.py).
-ENCODERS: dict[str, type] = {"sdxl": SDXLEncoder, "sd15": SD15Encoder, "wan": WanEncoder}
+ENCODERS: dict[str, type] = {"sdxl": SDXLEncoder, "sd15": SD15Encoder, "unet3d": UNet3DEncoder,
+                             "motion": MotionEncoder, "wan": WanEncoder}
 
 
 def family_class(name: str) -> type[Family]:
@@ -50,3 +57,18 @@ def build(cfg) -> Family:
     cls.check_source(cfg.model.pretrained_path, cfg.model.denoiser_config)
     scheduler = load_scheduler_config(cfg.model.pretrained_path, cfg.model.scheduler_config)
     return cls.from_settings(cfg.model, cfg.data, scheduler)
+
+
+def select_trainable(denoiser: torch.nn.Module, patterns: list[str] | None) -> None:
+    """Freeze every parameter of `denoiser` whose name matches none of `patterns` (model.trainable, fnmatch);
+    None keeps all trainable. Raises ValueError naming the setting for a pattern that matches no parameter,
+    or an empty list (nothing to train)."""
+    if patterns is None:
+        return
+    names = [name for name, _ in denoiser.named_parameters()]
+    unmatched = [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
+    if unmatched or not patterns:
+        raise ValueError(f"model.trainable: {unmatched or patterns} match no parameter of the denoiser; patterns are "
+                         f"fnmatch-style on parameter names such as {names[0]!r} (`*` matches dots too)")
+    for name, param in denoiser.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))

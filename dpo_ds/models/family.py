@@ -7,7 +7,7 @@ The trainer, the reference (live or cached), the precompute tool and the data re
 interface, so adding a family adds a module under dpo_ds/models/ and touches nothing else. A family
 is built once per run from the run's model and data settings (dpo_ds.models.build) and owns:
 
-  the denoiser     check_source, load_denoiser, set_attention, export
+  the denoiser     check_source, load_denoiser, set_attention, enable_gradient_checkpointing, export
   the schema       sample_schema: every tensor a shard sample must carry, and its shape;
                    PROMPT_TENSORS: those the prompt alone decides (replaced by the empty prompt's
                    when data.empty_prompt_prob drops a pair's prompt); image_conditioning: those
@@ -55,6 +55,8 @@ class Family(ABC):
     DENOISER_SUBFOLDER: ClassVar[str]   # the diffusers folder's "unet" or "transformer"
     TINY_DENOISER_CONFIG: ClassVar[dict]  # the family's denoiser at toy width (a diffusers config)
     SCHEDULER_CONFIG: ClassVar[dict]      # the family's training scheduler (a diffusers scheduler config)
+    # model.trainable's default: parameter-name patterns (dpo_ds.models.select_trainable); None: all train
+    DEFAULT_TRAINABLE: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     @abstractmethod
@@ -103,6 +105,12 @@ class Family(ABC):
     @abstractmethod
     def set_attention(denoiser: torch.nn.Module, kind: str) -> None:
         """Use the attention kernel `kind` ("sdpa" or "xformers")."""
+
+    @staticmethod
+    def enable_gradient_checkpointing(denoiser: torch.nn.Module) -> None:
+        """Recompute the denoiser's blocks in the backward pass (model.gradient_checkpointing): diffusers' own,
+        where the denoiser class supports it."""
+        denoiser.enable_gradient_checkpointing()
 
     @staticmethod
     @abstractmethod

@@ -1,12 +1,14 @@
 """What SDXL and SD 1.5/2.x share: a diffusers UNet2DConditionModel on CHW latents, trained with the
 DDPM forward process (ε or v prediction) at an integer timestep drawn uniformly from the pair's
-generator. A subclass adds its conditioning (sample_schema, unet_kwargs).
+generator. A subclass adds its conditioning (sample_schema, unet_kwargs). The text-to-video UNet
+(dpo_ds/models/unet3d.py) is the same DDPM family with another UNET_CLASS on CFHW latents.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from abc import abstractmethod
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from dpo_ds.models.family import Family, to_uint8
 class DDPMUNet2D(Family):
     LATENT_LAYOUT = "CHW"
     DENOISER_SUBFOLDER = "unet"
+    UNET_CLASS: ClassVar[str] = "UNet2DConditionModel"  # the diffusers class of the denoiser
 
     def __init__(self, scheduler_config: dict, prediction_type: str | None, resolution: int, vae_scale_factor: int,
                  timestep_range: tuple[int, int] | None = None):
@@ -46,17 +49,19 @@ class DDPMUNet2D(Family):
 
     # ------------------------------------------------------------ the denoiser
 
-    @staticmethod
-    def denoiser_from_config(config: dict) -> torch.nn.Module:
-        from diffusers import UNet2DConditionModel
+    @classmethod
+    def unet_class(cls) -> type:
+        import diffusers
 
-        return UNet2DConditionModel.from_config(config)
+        return getattr(diffusers, cls.UNET_CLASS)
 
-    @staticmethod
-    def denoiser_from_folder(folder: str, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import UNet2DConditionModel
+    @classmethod
+    def denoiser_from_config(cls, config: dict) -> torch.nn.Module:
+        return cls.unet_class().from_config(config)
 
-        return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
+    @classmethod
+    def denoiser_from_folder(cls, folder: str, dtype: torch.dtype) -> torch.nn.Module:
+        return cls.unet_class().from_pretrained(folder, torch_dtype=dtype)
 
     @staticmethod
     def set_attention(unet: torch.nn.Module, kind: str) -> None:
@@ -71,11 +76,9 @@ class DDPMUNet2D(Family):
 
             unet.set_attn_processor(AttnProcessor2_0())
 
-    @staticmethod
-    def export(state_dict: dict[str, torch.Tensor], unet_config: dict, out_dir: str, dtype: torch.dtype) -> None:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_config(unet_config)
+    @classmethod
+    def export(cls, state_dict: dict[str, torch.Tensor], unet_config: dict, out_dir: str, dtype: torch.dtype) -> None:
+        unet = cls.unet_class().from_config(unet_config)
         unet.load_state_dict(state_dict, strict=True)
         if dtype != torch.float32:
             unet = unet.to(dtype)
