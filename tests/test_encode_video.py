@@ -317,9 +317,13 @@ def test_unet3d_family_encodes_each_frame_with_the_image_vae_and_samples_with_it
     assert torch.isfinite(e_w).all() and torch.isfinite(e_l).all()
 
     pipe = family.pipeline(str(model), unet, DDIMScheduler.from_config(family.SCHEDULER_CONFIG), torch.float32)
-    frames = pipe("a red square", num_frames=3, height=SIDE, width=SIDE, num_inference_steps=2,
-                  generator=torch.Generator().manual_seed(0), output_type="pt").frames
-    assert tuple(frames.shape) == (1, 3, 3, SIDE, SIDE)  # [B, F, 3, H, W]
+    clips = [family.sample(pipe, ["a red square"] * 2, [torch.Generator().manual_seed(s) for s in (0, 0)], steps=2,
+                           guidance_scale=5.0, height=SIDE, width=SIDE, num_frames=3) for _ in range(2)]
+    assert clips[0].shape == (2, 3, SIDE, SIDE, 3) and clips[0].dtype == np.uint8  # [N, F, H, W, RGB], as sample.py writes
+    assert np.array_equal(clips[0], clips[1]) and np.array_equal(clips[0][0], clips[0][1])  # the seed fixes the clip
+    with pytest.raises(ValueError, match="multiples of"):
+        family.sample(pipe, ["a red square"], [torch.Generator()], steps=1, guidance_scale=1.0, height=SIDE + 4,
+                      width=SIDE, num_frames=3)
 
     # --family motion (AnimateDiff) encodes as unet3d does; only the family its shards name differs.
     pixels = torch.randint(0, 256, (2, 3, 3, SIDE, SIDE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -1,21 +1,22 @@
 """Sample the reference and the policy side by side: same prompts, same seeds, deterministic sampler.
 
 The model family's diffusers pipeline (`--family`: sdxl's StableDiffusionXLPipeline, sd15's
-StableDiffusionPipeline, wan's WanPipeline) is assembled from the components of a local base model
+StableDiffusionPipeline, wan's WanPipeline, unet3d's TextToVideoSDPipeline, motion's AnimateDiffPipeline) is
+assembled from the components of a local base model
 folder (sdxl: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/; sd15: vae/,
 text_encoder/, tokenizer/, scheduler/; wan: vae/ (AutoencoderKLWan), text_encoder/ (UMT5), tokenizer/,
-scheduler/; no model_index.json needed) and run twice over the prompt file (one prompt per line, blank
+scheduler/; unet3d and motion: sd15's; no model_index.json needed) and run twice over the prompt file (one prompt per line, blank
 lines skipped): once with the reference denoiser (default BASE/unet, or BASE/transformer for wan) and
 once with the policy's (a folder from tools/export.py or a run's export/unet or export/transformer).
 Prompt i starts from the noise of seed SEED + i in both runs, drawn on the CPU, and the sampler (the
 family's --sampler: DDIM with eta 0 or Euler without churn for the image families; UniPC or Euler on
-flow sigmas for wan) adds no noise of its own, so the two columns differ only by the denoiser, and a
+flow sigmas for wan; unet3d and motion as the image families) adds no noise of its own, so the two columns differ only by the denoiser, and a
 rerun gives the same samples.
 
 Writes, for an image family:
   OUT/reference/NNNNN.png, OUT/policy/NNNNN.png   one image per prompt (NNNNN = prompt index)
   OUT/grid.png       reference (left column) vs policy (right), one row per prompt, the first --grid-rows
-for a video family (wan; --num-frames F):
+for a video family (wan, unet3d, motion; --num-frames F):
   OUT/reference/NNNNN.png, OUT/policy/NNNNN.png   each clip as a strip: its F frames left to right
   OUT/reference/NNNNN.mp4, OUT/policy/NNNNN.mp4   each clip as H.264 at --fps (only when PyAV is
                                                   installed: pip install -e '.[video]')
@@ -198,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, help="height in pixels; default --resolution")
     p.add_argument("--width", type=int, help="width in pixels; default --resolution")
     p.add_argument("--num-frames", type=int, help="frames per clip (video families only; Wan: 1 + 4k, 81 for Wan 2.1)")
-    p.add_argument("--fps", type=int, help="frame rate of the .mp4 files; default the family's (Wan: 16)")
+    p.add_argument("--fps", type=int, help="frame rate of the .mp4 files; default the family's (Wan: 16, unet3d and motion: 8)")
     p.add_argument("--sampler", help="deterministic sampler, on the base model's scheduler config: euler or ddim "
-                                     "for sdxl and sd15 (default euler), unipc or euler for wan (default unipc)")
+                                     "for sdxl, sd15, unet3d and motion (default euler), unipc or euler for wan (default unipc)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i, for reference and policy")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -20,6 +20,7 @@ import torch
 
 from dpo_ds.models.sd15 import TEXT_SEQ_LEN
 from dpo_ds.models.unet2d import DDPMUNet2D
+from dpo_ds.models.unet3d import sample_clips
 
 
 class Motion(DDPMUNet2D):
@@ -61,6 +62,9 @@ class Motion(DDPMUNet2D):
         "steps_offset": 1,
         "timestep_spacing": "linspace",
     }
+
+    FPS = 8  # AnimateDiff's clips are played at 8 fps
+    sample = staticmethod(sample_clips)
 
     @staticmethod
     def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):

@@ -14,11 +14,27 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 import torch.utils.checkpoint
 
+from dpo_ds.models.family import to_uint8
 from dpo_ds.models.sd15 import TEXT_SEQ_LEN
 from dpo_ds.models.unet2d import DDPMUNet2D
+
+
+def sample_clips(pipe, prompts: list[str], generators: list[torch.Generator], *, steps: int,
+                 guidance_scale: float, height: int, width: int, num_frames: int | None) -> np.ndarray:
+    """Family.sample for the video UNets (TextToVideoSDPipeline, AnimateDiffPipeline): their VAE encodes
+    each frame alone, so any frame count samples; sides must be multiples of 8 (the VAE's factor)."""
+    if num_frames is None or num_frames < 1:
+        raise ValueError(f"num_frames {num_frames}: a video family samples clips of at least one frame")
+    if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        raise ValueError(f"height {height} and width {width} must be multiples of {pipe.vae_scale_factor} "
+                         "(the VAE's spatial factor)")
+    frames = pipe(prompt=prompts, generator=generators, num_inference_steps=steps, guidance_scale=guidance_scale,
+                  height=height, width=width, num_frames=num_frames, output_type="np").frames
+    return to_uint8(np.asarray(frames))
 
 
 def without_dropout(unet: torch.nn.Module) -> torch.nn.Module:
@@ -83,6 +99,9 @@ class UNet3D(DDPMUNet2D):
         wrapped in torch's non-reentrant checkpoint, which takes the blocks' keyword arguments."""
         for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+    FPS = 8  # ModelScope's and Zeroscope's clips are played at 8 fps
+    sample = staticmethod(sample_clips)
 
     @staticmethod
     def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):
