@@ -23,6 +23,7 @@ class _Section(BaseModel):
 
 
 FLOW_SETTINGS = ("flow_shift", "sigma_density", "logit_mean", "logit_std")  # ModelConfig's, for flow families only
+EDM_SETTINGS = ("edm_p_mean", "edm_p_std")  # ModelConfig's, for EDM families (svd) only
 
 
 class ModelConfig(_Section):
@@ -31,7 +32,8 @@ class ModelConfig(_Section):
     and the law of each pair's draw. `sdxl`: SDXL; `sd15`: SD 1.5 and SD 2.x (one CLIP text encoder);
     `unet3d`: ModelScope / Zeroscope text-to-video (UNet3DConditionModel, one CLIP text encoder, DDPM);
     `motion`: AnimateDiff (UNetMotionModel: SD 1.5 with motion modules, which alone train by default);
-    `wan`: Wan 2.1 text-to-video (a transformer trained by flow matching; docs/design.md §9)."""
+    `wan`: Wan 2.1 text-to-video (a transformer trained by flow matching); `svd`: Stable Video Diffusion
+    image-to-video (UNetSpatioTemporalConditionModel, EDM; docs/design.md §9)."""
     pretrained_path: str | None = None
     """Local diffusers model folder holding the family's denoiser (`unet/` or `transformer/`) and `scheduler/`.
     Required unless `denoiser_config` is set."""
@@ -66,6 +68,11 @@ class ModelConfig(_Section):
     """With sigma_density=logit_normal: the mean of logit(σ) before the shift."""
     logit_std: float = Field(1.0, gt=0)
     """With sigma_density=logit_normal: the standard deviation of logit(σ) before the shift."""
+    edm_p_mean: float = 0.7
+    """EDM families (svd): ln σ ~ N(edm_p_mean, edm_p_std²). 0.7 and 1.6 are what SVD fine-tuning scripts use
+    (SVD_Xtend's train_svd.py and its descendants); EDM's paper and sgm's EDMSampling default to −1.2, 1.2."""
+    edm_p_std: float = Field(1.6, gt=0)
+    """EDM families (svd): the standard deviation of ln σ."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -86,7 +93,12 @@ class ModelConfig(_Section):
             given = [name for name in FLOW_SETTINGS if getattr(self, name) != type(self).model_fields[name].default]
             if given:
                 raise ValueError(f"model.{given[0]} is a flow-matching setting (model.family=wan); "
-                                 f"model.family={self.family} draws DDPM timesteps: remove it")
+                                 f"model.family={self.family} does not draw flow-matching σ: remove it")
+        if not getattr(FAMILIES[self.family], "DRAWS_EDM", False):
+            given = [name for name in EDM_SETTINGS if getattr(self, name) != type(self).model_fields[name].default]
+            if given:
+                raise ValueError(f"model.{given[0]} is an EDM setting (model.family=svd); "
+                                 f"model.family={self.family} does not draw EDM σ: remove it")
         return self
 
     @field_validator("family")

@@ -1,8 +1,8 @@
 """Every family other than SDXL (the image family SD 1.5, the text-to-video UNets unet3d and motion, the video
-transformer Wan) end to end through the real `deepspeed` launcher: 2 CPU processes, ZeRO-3, the live offloaded
-reference and then the reference cache (with empty-prompt dropout, which the cache must reproduce), export
-loaded back with diffusers; what the family trains by default moved, the rest (motion's frozen SD 1.5 UNet)
-bitwise unchanged.
+transformer Wan, the image-to-video UNet SVD with EDM) end to end through the real `deepspeed` launcher: 2 CPU
+processes, ZeRO-3, the live offloaded reference and then the reference cache (with empty-prompt dropout, which
+the cache must reproduce), export loaded back with diffusers; what the family trains by default moved, the rest
+(motion's frozen SD 1.5 UNet) bitwise unchanged.
 (SDXL's runs are tests/test_e2e.py and tests/test_reference_cache.py.)"""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dpo_ds.models import family_class, select_trainable
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["sd15", "unet3d", "motion", "wan"]
+FAMILIES = ["sd15", "unet3d", "motion", "wan", "svd"]
 MAX_STEPS = 3  # 16 pairs / (2 ranks x 2 pairs) = 4 micro-batches per epoch: all at draw index 0
 
 

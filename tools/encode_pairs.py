@@ -29,6 +29,12 @@ With --family unet3d (ModelScope / Zeroscope text-to-video), the same with SD's 
                     null, label: 1.0, source: {... as for wan}}
   KEY.safetensors  latents_w, latents_l [4, F, H/8, W/8] (one latent frame per frame, times scaling_factor),
                    prompt_embeds [77, D] (CLIP's last hidden states) in --store-dtype
+With --family svd (Stable Video Diffusion, image-to-video), SVD's temporal-decoder VAE's encoder on each frame:
+  KEY.json         {... as for unet3d, family: "svd", source: {..., cond_aug, conditioning_image}}
+  KEY.safetensors  latents_w, latents_l [4, F, H/8, W/8] (times scaling_factor), image_latents [4, H/8, W/8] (the
+                   winner's first frame + --cond-aug noise, unscaled), image_embeds [1, D] (CLIP image_embeds
+                   of that frame), added_time_ids [3] = (--fps - 1, 127, --cond-aug) float32; both clips of a
+                   pair are conditioned on the winner's first frame, so DPO compares clips of one image
 KEY is the --key-column value, else a hash of the caption and both files' bytes.
 
 Shape buckets: image families take --buckets HxW [HxW ...] replaces the square --resolution. Each pair goes to the
@@ -85,10 +91,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--family", choices=sorted(ENCODERS), default="sdxl",
                    help="sdxl, sd15 (SD 1.5 / 2.x): pairs of images; wan: pairs of videos (Wan 2.1 T2V: "
                    "AutoencoderKLWan + UMT5); unet3d: pairs of videos (ModelScope / Zeroscope: SD's VAE per "
-                   "frame + CLIP)")
+                   "frame + CLIP); svd: pairs of videos (Stable Video Diffusion: its VAE per frame, the winner's "
+                   "first frame as the conditioning image)")
     p.add_argument("--model", required=True,
                    help="diffusers folder; sdxl: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/; "
-                   "sd15, unet3d, wan: vae/, text_encoder/, tokenizer/")
+                   "sd15, unet3d, wan: vae/, text_encoder/, tokenizer/; svd: vae/, image_encoder/, "
+                   "feature_extractor/")
     p.add_argument("--vae", default=None, help="VAE folder to use instead of MODEL/vae "
                    "(e.g. an fp16-safe SDXL VAE)")
     p.add_argument("--out", required=True, help="folder for the training shards")
@@ -119,6 +127,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(counted either way)")
     p.add_argument("--max-sequence-length", type=int, default=512,
                    help="wan: text tokens per prompt (WanPipeline's default 512; unet3d: CLIP's 77, always)")
+    p.add_argument("--cond-aug", type=float, default=0.02,
+                   help="svd: noise augmentation strength of the conditioning image (the winner's first frame), "
+                        "drawn per pair from --seed and its key; recorded in the time ids")
     p.add_argument("--crop", choices=["center", "random"], default="center",
                    help="random: one crop per image, seeded from --seed and the key, recorded in the json")
     p.add_argument("--seed", type=int, default=0)
@@ -407,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                     "model": os.path.abspath(args.model), "vae": args.vae and os.path.abspath(args.vae)}
         if args.family != "sdxl":  # SDXL runs keep the settings they always had, so their outputs still resume
             settings.update(family=args.family)
+        if args.family == "svd":
+            settings.update(cond_aug=args.cond_aug, seed=args.seed)
         if args.buckets:  # likewise: runs without buckets keep their settings
             settings.update(buckets=[list(b) for b in args.buckets])
         if args.is_video:
@@ -425,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         if pending:
             device, dtype = _device_and_dtype(args, local_rank)
             if args.is_video:
-                encoder = encoder_class(args.family)(args.model, args.vae, device, dtype, args.max_sequence_length)
+                # svd noise-augments its conditioning image from each pair's generator (--seed, the pair's key).
+                svd_args = {"cond_aug": args.cond_aug, "seed": args.seed} if args.family == "svd" else {}
+                encoder = encoder_class(args.family)(args.model, args.vae, device, dtype, args.max_sequence_length,
+                                                     **svd_args)
                 spatial, temporal = encoder.spatial_scale_factor, encoder.temporal_scale_factor
                 if args.height % spatial or args.width % spatial:
                     raise ValueError(f"--height {args.height} and --width {args.width} must be multiples of the "

@@ -54,7 +54,8 @@ def write_shards(out_dir: str, *, num_pairs: int, pairs_per_shard: int, resoluti
     """
     spec = family_class(family).tiny(None if buckets else resolution)
     schema = spec.sample_schema(spec.TINY_DENOISER_CONFIG)
-    channels = int(spec.TINY_DENOISER_CONFIG["in_channels"])
+    # The latents' channels: the denoiser's output's (svd's input also holds the conditioning image's latents).
+    channels = int(spec.TINY_DENOISER_CONFIG.get("out_channels", spec.TINY_DENOISER_CONFIG["in_channels"]))
     sizes = buckets or [(resolution, resolution)]
     g = torch.Generator().manual_seed(seed)
     for b, (height, width) in enumerate(sizes):

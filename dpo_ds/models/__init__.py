@@ -20,15 +20,18 @@ from dpo_ds.models.sd15 import SD15
 from dpo_ds.models.sd15_encoder import SD15Encoder
 from dpo_ds.models.sdxl import SDXL
 from dpo_ds.models.sdxl_encoder import SDXLEncoder
+from dpo_ds.models.svd import SVD
+from dpo_ds.models.svd_encoder import SVDEncoder
 from dpo_ds.models.unet3d import UNet3D
 from dpo_ds.models.unet3d_encoder import MotionEncoder, UNet3DEncoder
 from dpo_ds.models.wan import Wan
 from dpo_ds.models.wan_encoder import WanEncoder
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15, "unet3d": UNet3D, "motion": Motion, "wan": Wan}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXL, "sd15": SD15, "unet3d": UNet3D, "motion": Motion, "wan": Wan,
+                                 "svd": SVD}
 # Family name -> its encoder: captions and pixels to the family's shard samples (tools/encode_pairs.py).
 ENCODERS: dict[str, type] = {"sdxl": SDXLEncoder, "sd15": SD15Encoder, "unet3d": UNet3DEncoder,
-                             "motion": MotionEncoder, "wan": WanEncoder}
+                             "motion": MotionEncoder, "wan": WanEncoder, "svd": SVDEncoder}
 
 
 def family_class(name: str) -> type[Family]:
