@@ -385,9 +385,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
 # accepted and ignored, so one config file serves the precompute and the training run.
 CACHE_SETTINGS = ("seed", "model.family", "model.pretrained_path", "model.denoiser_config", "model.scheduler_config",
                   "model.prediction_type", "model.dtype", "model.vae_scale_factor", "model.flow_shift",
-                  "model.sigma_density", "model.logit_mean", "model.logit_std", "data.shards",
-                  "data.resolution", "data.timestep_range", "data.empty_prompt_prob", "reference.pretrained_path",
-                  "reference.cache_dir")
+                  "model.sigma_density", "model.logit_mean", "model.logit_std", "model.edm_p_mean", "model.edm_p_std",
+                  "data.shards", "data.resolution", "data.timestep_range", "data.empty_prompt_prob",
+                  "reference.pretrained_path", "reference.cache_dir")
 
 
 def load_cache_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:

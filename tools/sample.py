@@ -1,22 +1,27 @@
 """Sample the reference and the policy side by side: same prompts, same seeds, deterministic sampler.
 
 The model family's diffusers pipeline (`--family`: sdxl's StableDiffusionXLPipeline, sd15's
-StableDiffusionPipeline, wan's WanPipeline, unet3d's TextToVideoSDPipeline, motion's AnimateDiffPipeline) is
+StableDiffusionPipeline, wan's WanPipeline, unet3d's TextToVideoSDPipeline, motion's AnimateDiffPipeline,
+svd's StableVideoDiffusionPipeline) is
 assembled from the components of a local base model
 folder (sdxl: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/; sd15: vae/,
 text_encoder/, tokenizer/, scheduler/; wan: vae/ (AutoencoderKLWan), text_encoder/ (UMT5), tokenizer/,
-scheduler/; unet3d and motion: sd15's; no model_index.json needed) and run twice over the prompt file (one prompt per line, blank
-lines skipped): once with the reference denoiser (default BASE/unet, or BASE/transformer for wan) and
+scheduler/; unet3d and motion: sd15's; svd: vae/ (AutoencoderKLTemporalDecoder), image_encoder/,
+feature_extractor/, scheduler/; no model_index.json needed) and run twice over the prompt file (one prompt
+per line, blank lines skipped): once with the reference denoiser (default BASE/unet, or BASE/transformer for wan) and
 once with the policy's (a folder from tools/export.py or a run's export/unet or export/transformer).
 Prompt i starts from the noise of seed SEED + i in both runs, drawn on the CPU, and the sampler (the
 family's --sampler: DDIM with eta 0 or Euler without churn for the image families; UniPC or Euler on
-flow sigmas for wan; unet3d and motion as the image families) adds no noise of its own, so the two columns differ only by the denoiser, and a
-rerun gives the same samples.
+flow sigmas for wan; unet3d and motion as the image families; svd: the base's Euler) adds no noise of its
+own, so the two columns differ only by the denoiser, and a rerun gives the same samples.
+
+svd is image-to-video: each line of --prompts is the path of a conditioning image, not a text, and
+--guidance-scale is the top of SVD's per-frame guidance ramp (from 1 on the first frame).
 
 Writes, for an image family:
   OUT/reference/NNNNN.png, OUT/policy/NNNNN.png   one image per prompt (NNNNN = prompt index)
   OUT/grid.png       reference (left column) vs policy (right), one row per prompt, the first --grid-rows
-for a video family (wan, unet3d, motion; --num-frames F):
+for a video family (wan, unet3d, motion, svd; --num-frames F):
   OUT/reference/NNNNN.png, OUT/policy/NNNNN.png   each clip as a strip: its F frames left to right
   OUT/reference/NNNNN.mp4, OUT/policy/NNNNN.mp4   each clip as H.264 at --fps (only when PyAV is
                                                   installed: pip install -e '.[video]')
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the policy: an exported diffusers UNet (or, for wan, transformer) folder")
     p.add_argument("--reference-unet", "--reference-transformer", dest="reference_denoiser",
                    help="the reference denoiser's folder; default BASE/unet (BASE/transformer for wan)")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True,
+                   help="text file, one prompt per line (svd: one conditioning image path per line)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=30, help="sampler steps")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (1: none)")

@@ -14,8 +14,8 @@ EDM (Karras et al. 2022) at the pair's σ, in SVD's parametrisation (generative-
 VScalingWithEDMcNoise, and diffusers' EulerDiscreteScheduler with prediction_type v_prediction and
 continuous timesteps, which SVD ships), σ_d = SIGMA_DATA:
 
-    x_σ = x0 + σ·ε                        c_in  = 1 / √(σ² + σ_d²)       c_noise = ¼·ln σ (the UNet's timestep)
-    D   = c_skip·x_σ + c_out·F(c_in·x_σ)   c_skip = σ_d² / (σ² + σ_d²)   c_out = −σ·σ_d / √(σ² + σ_d²)
+    x_σ = x0 + σ·ε                       c_skip = σ_d² / (σ² + σ_d²)     c_in = 1 / √(σ² + σ_d²)
+    D   = c_skip·x_σ + c_out·F(c_in·x_σ)  c_out = −σ·σ_d / √(σ² + σ_d²)    c_noise = ¼·ln σ (the timestep)
     error = λ(σ)·mean((D − x0)²)          λ(σ)  = (σ² + σ_d²) / (σ·σ_d)²
 
 c_out's sign is SVD's: its UNet was trained to output the negated EDM F (a v prediction), so the paper's
@@ -257,7 +257,8 @@ class SVD(Family):
         image_BCHW = batch["image_latents"].repeat(2, 1, 1, 1)
         image_BFCHW = image_BCHW[:, None].expand(-1, scaled_BFCHW.shape[1], -1, -1, -1)
         sample = torch.cat([scaled_BFCHW.to(dtype), image_BFCHW.to(dtype)], dim=2)
-        out_BFCHW = unet(sample, c_noise.flatten().float(), encoder_hidden_states=batch["image_embeds"].repeat(2, 1, 1).to(dtype),
+        embeds = batch["image_embeds"].repeat(2, 1, 1).to(dtype)
+        out_BFCHW = unet(sample, c_noise.flatten().float(), encoder_hidden_states=embeds,
                          added_time_ids=batch["added_time_ids"].repeat(2, 1).to(dtype), return_dict=False)[0]
         out = out_BFCHW.permute(0, 2, 1, 3, 4).float()
         return (c_skip * x_t.double()).float() + c_out.float() * out
