@@ -221,3 +221,53 @@ def test_encoder_conditions_both_clips_on_the_winners_first_frame_and_the_pipeli
     with pytest.raises(ValueError, match="image path"):
         SVD.sample(pipe, ["a red square"], [torch.Generator()], steps=1, guidance_scale=1.0, height=SIDE,
                    width=SIDE, num_frames=2)
+
+
+def test_encode_pairs_cli_conditions_each_pair_on_its_winners_first_frame(tmp_path):
+    """tools/encode_pairs.py --family svd on two pairs of real mp4s, in one batch: pair 0's winner is video_1, so
+    its conditioning is video_1's first frame (not the manifest's first column's); each pair's augmentation noise
+    is its own; the time ids carry --fps − 1 and --cond-aug; the empty prompt is a zero image embedding."""
+    av = pytest.importorskip("av", reason="PyAV is not installed: pip install -e '.[video]'")
+    from safetensors.torch import load_file
+
+    from test_encode import encode, ok, read_pairs
+    from test_encode_video import write_video
+
+    model = build_tiny_svd(tmp_path / "model")
+    (tmp_path / "videos").mkdir()
+    rows = []
+    for i in range(2):
+        for side in (0, 1):
+            write_video(tmp_path / "videos" / f"{i}_{side}.mp4", seed=2 * i + side, fps=8, size=(SIDE, SIDE))
+        rows.append({"caption": "", "video_0": f"{i}_0.mp4", "video_1": f"{i}_1.mp4",
+                     "label_0": float(i), "label_1": float(1 - i)})
+    (tmp_path / "videos" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = ok(encode("--family", "svd", "--manifest", str(tmp_path / "videos" / "pairs.jsonl"), "--model",
+                        str(model), "--resolution", str(SIDE), "--num-frames", "3", "--fps", "8", "--cond-aug", "0.05",
+                        "--batch-size", "2", "--num-workers", "1", "--out", str(tmp_path / "shards")))
+    assert summary["pairs_written"] == 2
+    pairs = {p["meta"]["source"]["row"]: (key, p) for key, p in read_pairs(tmp_path / "shards").items()}
+    encoder = _encoder(model)
+    encoder.cond_aug = 0.05  # and --seed 0, the CLI's default
+    for row, winner, loser in ((0, "0_1.mp4", "0_0.mp4"), (1, "1_0.mp4", "1_1.mp4")):
+        key, (meta, t) = pairs[row][0], (pairs[row][1]["meta"], pairs[row][1]["tensors"])
+        assert meta["family"] == "svd" and meta["source"]["cond_aug"] == 0.05
+        assert t["added_time_ids"].tolist() == pytest.approx([7.0, 127.0, 0.05])
+        first = {}
+        for name in (winner, loser):
+            with av.open(str(tmp_path / "videos" / name)) as container:
+                frame = next(container.decode(container.streams.video[0])).to_ndarray(format="rgb24")
+            first[name] = encoder.condition(torch.from_numpy(frame).permute(2, 0, 1), key)
+        torch.testing.assert_close(t["image_latents"].float(), first[winner][0], atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(t["image_embeds"].float(), first[winner][1], atol=2e-3, rtol=1e-2)
+        assert (t["image_latents"].float() - first[loser][0]).abs().max() > 0.05
+        other_noise = encoder.condition(torch.from_numpy(frame).permute(2, 0, 1), key + "x")[0]
+        assert not torch.equal(other_noise, first[loser][0])  # the augmentation noise is the pair's own
+    empty = load_file(str(tmp_path / "shards" / "empty_prompt.safetensors"))
+    assert set(empty) == {"image_embeds"} and not empty["image_embeds"].abs().any()
+
+
+def _encoder(model):
+    from dpo_ds.models import encoder_class
+
+    return encoder_class("svd")(str(model), None, torch.device("cpu"), torch.float32, 512)
