@@ -271,3 +271,40 @@ def _encoder(model):
     from dpo_ds.models import encoder_class
 
     return encoder_class("svd")(str(model), None, torch.device("cpu"), torch.float32, 512)
+
+
+def test_sample_tool_conditions_on_the_image_paths_of_the_prompt_file(tmp_path, capsys):
+    """tools/sample.py --family svd: each --prompts line is a conditioning image; reference and policy clips
+    are written as strips, and a perturbed UNet samples other clips; a line that is not a file is refused."""
+    from PIL import Image
+
+    from test_tools_export_sample_score import load_tool
+    from tiny_sdxl import _make_synthetic
+
+    base = build_tiny_svd(tmp_path / "base")
+    _make_synthetic().write_model(str(base), seed=0, family="svd")
+    policy = SVD.denoiser_from_folder(str(base / "unet"), torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    policy.save_pretrained(str(tmp_path / "policy"))
+    for i in range(2):
+        colour = np.zeros((SIDE, SIDE, 3), np.uint8) + np.uint8(60 + 90 * i)
+        Image.fromarray(colour).save(tmp_path / f"image{i}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{tmp_path / 'image0.png'}\n{tmp_path / 'image1.png'}\n")
+    args = ["--family", "svd", "--base", str(base), "--unet", str(tmp_path / "policy"), "--prompts", str(prompts),
+            "--steps", "2", "--guidance-scale", "2.0", "--height", str(SIDE), "--width", str(SIDE),
+            "--num-frames", "2", "--no-progress"]
+    sample = load_tool("sample")
+    assert sample.main([*args, "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert summary["family"] == "svd" and summary["num_frames"] == 2 and len(summary["samples"]) == 2
+    strips = {side: [np.asarray(Image.open(tmp_path / "out" / r[side]).convert("RGB")) for r in summary["samples"]]
+              for side in ("reference", "policy")}
+    assert all(s.shape == (SIDE, 2 * SIDE, 3) for side in strips.values() for s in side)
+    assert any(not np.array_equal(a, b) for a, b in zip(strips["reference"], strips["policy"]))
+    prompts.write_text("a red square\n")
+    assert sample.main([*args, "--out", str(tmp_path / "bad")]) == 2
+    assert "each line is an image path" in capsys.readouterr().err
