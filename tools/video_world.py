@@ -1,23 +1,23 @@
 """A video world where alignment can be measured: motion to the left or to the right, an oracle, a sampler.
 
-The video counterpart of tools/toy_world.py. Clips are latent [C, F, H, W] = [4, 4, 8, 8] (Wan's CFHW
+The video counterpart of tools/toy_world.py. Clips are latent [C, F, H, W] = [4, 3, 8, 8] (Wan's CFHW
 layout). One fixed sign pattern P [C, H, W] (amplitude 0.8, one sign per channel and column, the same
-down the height) moves across the frames, circularly along the width, STEP = 2 pixels (one patch) per
-frame, to the right (frame f = P rolled by s + 2f) or to the left (P rolled by s − 2f), from a start s
-drawn uniformly from the W positions, plus Gaussian noise (0.2). Every frame of
-every clip is a shift of the same P, and at every frame index the shift is uniform over all W
-positions in both directions: no single frame tells the direction, only the temporal order does. A
-clip moving right read backwards is a clip moving left (start s + 2(F − 1)).
+down the height, and anti-periodic: the right half of the columns is the left half negated) moves across
+the frames, circularly along the width, STEP = 2 pixels (one patch) per frame, to the right (frame f =
+P rolled by s + 2f) or to the left (P rolled by s − 2f), from a start s of STARTS = (0, 4), plus Gaussian
+noise (0.2): four motions. At every frame index the shift is uniform over the same two positions in both
+directions, so no single frame tells the direction, only the temporal order does; and a clip moving
+right read backwards is the clip moving left from s + 4, itself one of the four motions.
 
-The oracle compares a clip with the 2·W clean templates (two directions, W starts) and reads the
-direction of the nearest; a clip farther than RMS ON_MANIFOLD_RMS from every template (a diverged
-sampler, a blend of two motions, frames that do not move as one pattern) counts as no direction at all.
-A preference pair holds a clip of the preferred direction and the same clip reversed in time (own
-noise), with one fixed prompt: same content, same frames, only the order differs.
+The oracle compares a clip with the four clean templates and reads the direction of the nearest; a clip
+farther than RMS ON_MANIFOLD_RMS from every template (a diverged sampler, a blend of two motions, frames
+that do not move as one pattern) counts as no direction at all. A preference pair holds a clip of the
+preferred direction and the same clip reversed in time (own noise), with one fixed prompt: same content,
+same frames, only the order differs.
 
   python tools/video_world.py data --out DIR [--num-pairs N] [--prefer right|left] [--seed S]
       writes DIR/shards/ (docs/design.md §4 format, family wan, latent_layout CFHW, with
-      empty_prompt.safetensors) and DIR/model/ (the wan family's tiny transformer, fresh, and
+      empty_prompt.safetensors) and DIR/model/ (VIDEO_TRANSFORMER_CONFIG's transformer, fresh, and
       VIDEO_SCHEDULER_CONFIG)
   python tools/video_world.py eval --reference TRANSFORMER_DIR --policy TRANSFORMER_DIR [--prefer right|left]
                                   [--num-samples N] [--json OUT]
@@ -39,33 +39,45 @@ import torch
 from dpo_ds.data import EMPTY_PROMPT_NAME, ShardWriter
 from dpo_ds.models import family_class
 from dpo_ds.models.family import Family
-from dpo_ds.models.wan import shift_sigma
+from dpo_ds.models.wan import TINY_TRANSFORMER_CONFIG, shift_sigma
 from make_synthetic import write_model  # a sibling script: the one writer of tiny models
 from toy_world import compare
 
 FAMILY = "wan"
 DIRECTIONS = ("right", "left")
 PATTERN_SEED = 20240602
-C, F, H, W = 4, 4, 8, 8
+C, F, H, W = 4, 3, 8, 8
 CLIP_SHAPE = (C, F, H, W)
 AMPLITUDE, SPREAD = 0.8, 0.2
 STEP = 2  # pixels per frame: one patch (Wan patches 2x2), so a token's content reappears one token over in the next frame
-# Flow matching as Wan trains, but with no shift. Wan 2.1's shift 3 moves σ toward pure noise for
-# latents of 10^4-10^5 elements, where coarse structure survives much noise; a 256-element clip loses its
-# pattern at far smaller σ (SD3 and Flux shift less for fewer tokens), so σ stays uniform on [0, 1].
+# Two starts half a period apart: the fewest for which every frame index sees the same positions in both
+# directions (a right clip reversed starts 2(F − 1) = 4 further on). Every start of W would make 16 motions
+# that the transformer needs far more training to sample apart (README, "The video world").
+STARTS = (0, 4)
+# Flow matching with Wan's own shift, 3. The clip is one pattern spread over all 192 elements, so it
+# survives much noise: the exact posterior picks the clip's motion with probability 0.5 only at σ ≈ 0.93
+# (0.99 at σ = 0.8). With σ uniform, a tenth of training and of the sampler's steps fall where the motion
+# is chosen; shift 3 gives that region a quarter of both (4 motions × 400 SFT steps: 20% of samples on the
+# manifold with shift 1... see the README for the measurements).
 VIDEO_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-                          "shift": 1.0}
+                          "shift": 3.0}
+# The wan family's tiny transformer, twice as wide (4 heads of 16, ffn 128: 141k parameters, 20.6k tiny):
+# the tiny one put no sample on the manifold after 800 SFT steps.
+VIDEO_TRANSFORMER_CONFIG = {**TINY_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 16,
+                            "ffn_dim": 128}
 # A clip counts as on the data's manifold when its RMS distance to the nearest template is below this.
-# The data's is the noise, 0.2 (the exact posterior mean's Euler samples: 0.17-0.19); the nearest
-# templates of opposite directions share two frames of four and lie RMS 0.80 apart, so a blend of two
-# half-way lies 0.40 from both and counts as neither.
+# The data's is the noise, 0.2 (the exact posterior mean's Euler samples: 0.15-0.17); templates of
+# opposite directions differ in one frame of three by twice the amplitude (the anti-periodic pattern
+# shifted half a period is its negative) and lie RMS 0.92 apart, so a blend of two lies 0.46 from both
+# and counts as neither.
 ON_MANIFOLD_RMS = 0.35
 
 
 def pattern() -> torch.Tensor:
     """The moving pattern P [C, H, W]; fixed forever."""
     g = torch.Generator().manual_seed(PATTERN_SEED)
-    return (AMPLITUDE * torch.randn(C, 1, W, generator=g).sign()).expand(C, H, W).contiguous()
+    half = AMPLITUDE * torch.randn(C, 1, W // 2, generator=g).sign()
+    return torch.cat([half, -half], dim=-1).expand(C, H, W).contiguous()
 
 
 def clip(direction: str, start: int) -> torch.Tensor:
@@ -76,13 +88,13 @@ def clip(direction: str, start: int) -> torch.Tensor:
 
 
 def templates() -> torch.Tensor:
-    """[2, W, C, F, H, W]: every clean clip, by direction (right, left) and start."""
-    return torch.stack([torch.stack([clip(d, s) for s in range(W)]) for d in DIRECTIONS])
+    """[2, len(STARTS), C, F, H, W]: every clean clip, by direction (right, left) and start."""
+    return torch.stack([torch.stack([clip(d, s) for s in STARTS]) for d in DIRECTIONS])
 
 
 def template_distances(clips: torch.Tensor) -> torch.Tensor:
-    """[N, 2, W] mean squared distance of each clip [N, C, F, H, W] to each template."""
-    t = templates().flatten(2)  # [2, W, D]
+    """[N, 2, len(STARTS)] mean squared distance of each clip [N, C, F, H, W] to each template."""
+    t = templates().flatten(2)  # [2, S, D]
     x = clips.float().flatten(1)  # [N, D]
     return (x.pow(2).sum(1)[:, None, None] - 2 * torch.einsum("nd,kwd->nkw", x, t)
             + t.pow(2).sum(-1)[None]).clamp_min(0) / x.shape[1]
@@ -119,18 +131,18 @@ def prompt_conditioning() -> dict[str, torch.Tensor]:
 
 def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_shard: int = 64) -> None:
     """Preference shards (winner: a clip of the preferred direction; loser: the same clip reversed in
-    time, its own noise) and a fresh tiny transformer to start from."""
+    time, its own noise) and a fresh VIDEO_TRANSFORMER_CONFIG transformer to start from."""
     if prefer not in DIRECTIONS:
         raise ValueError(f"--prefer must be one of {DIRECTIONS}, got {prefer!r}")
     family = video_family()
     prompt = prompt_conditioning()
-    clean = templates()[DIRECTIONS.index(prefer)]  # [W, C, F, H, W]
+    clean = templates()[DIRECTIONS.index(prefer)]  # [S, C, F, H, W]
     g = torch.Generator().manual_seed(seed)
     shards = os.path.join(out, "shards")
     with ShardWriter(shards, max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
-            start = int(torch.randint(0, W, (), generator=g))
-            win = clean[start]
+            k = int(torch.randint(0, len(STARTS), (), generator=g))
+            start, win = STARTS[k], clean[k]
             tensors = {"latents_w": (win + SPREAD * torch.randn(CLIP_SHAPE, generator=g)).half(),
                        "latents_l": (win.flip(1) + SPREAD * torch.randn(CLIP_SHAPE, generator=g)).half(), **prompt}
             meta = {"caption": "a pattern moving", "family": FAMILY, "latent_layout": family.LATENT_LAYOUT,
@@ -142,7 +154,7 @@ def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_sh
     empty = {name: torch.randn(t.shape, generator=g_empty).half() for name, t in prompt.items()
              if name in family.PROMPT_TENSORS}
     safetensors.torch.save_file(empty, os.path.join(shards, EMPTY_PROMPT_NAME))
-    write_model(os.path.join(out, "model"), seed, FAMILY, VIDEO_SCHEDULER_CONFIG)
+    write_model(os.path.join(out, "model"), seed, FAMILY, VIDEO_SCHEDULER_CONFIG, VIDEO_TRANSFORMER_CONFIG)
 
 
 NUM_SAMPLING_STEPS, SAMPLING_BATCH = 25, 256
