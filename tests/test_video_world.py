@@ -77,6 +77,10 @@ def test_data_writes_wan_shards_of_pairs_reversed_in_time(tmp_path):
     assert (tmp_path / "model" / "transformer" / "config.json").is_file()
     sched = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert sched == vw.VIDEO_SCHEDULER_CONFIG
+    transformer = json.loads((tmp_path / "model" / "transformer" / "config.json").read_text())
+    assert {k: transformer[k] for k in vw.VIDEO_TRANSFORMER_CONFIG if k != "_class_name"} == \
+        {k: v for k, v in vw.VIDEO_TRANSFORMER_CONFIG.items() if k != "_class_name"}
+    assert json.loads((tmp_path / "world.json").read_text()) == vw.world()  # tools/demo_video.py's staleness check
     with tarfile.open(sorted(shards.glob("*.tar"))[0]) as tar:
         names = tar.getnames()
     assert any(n.endswith(".json") for n in names), names

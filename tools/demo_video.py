@@ -50,7 +50,10 @@ class VideoDemo(demo.Demo):
         (self.out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
 
     def write_data(self) -> str:
-        if not (self.data / "model" / "scheduler" / "scheduler_config.json").is_file():
+        stamp = self.data / "world.json"
+        # Rewritten when cut off mid-write or written by another version of the world (its clips, starts,
+        # scheduler or transformer): a run on stale data would train and score a different world.
+        if not stamp.is_file() or json.loads(stamp.read_text()) != video_world.world():
             shutil.rmtree(self.data, ignore_errors=True)
             video_world.write_data(str(self.data), num_pairs=NUM_PAIRS, prefer=self.args.prefer, seed=0)
         num_shards = len(list((self.data / "shards").glob("*.tar")))

@@ -129,6 +129,13 @@ def prompt_conditioning() -> dict[str, torch.Tensor]:
     return family.synthetic_conditioning(family.TINY_DENOISER_CONFIG, 64, g, torch.float16)
 
 
+def world() -> dict:
+    """What a data folder was written for (DIR/world.json): a folder of another world is stale."""
+    return {"clip_shape": list(CLIP_SHAPE), "step": STEP, "starts": list(STARTS), "amplitude": AMPLITUDE,
+            "spread": SPREAD, "pattern_seed": PATTERN_SEED, "scheduler": VIDEO_SCHEDULER_CONFIG,
+            "transformer": VIDEO_TRANSFORMER_CONFIG}
+
+
 def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_shard: int = 64) -> None:
     """Preference shards (winner: a clip of the preferred direction; loser: the same clip reversed in
     time, its own noise) and a fresh VIDEO_TRANSFORMER_CONFIG transformer to start from."""
@@ -155,6 +162,8 @@ def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_sh
              if name in family.PROMPT_TENSORS}
     safetensors.torch.save_file(empty, os.path.join(shards, EMPTY_PROMPT_NAME))
     write_model(os.path.join(out, "model"), seed, FAMILY, VIDEO_SCHEDULER_CONFIG, VIDEO_TRANSFORMER_CONFIG)
+    with open(os.path.join(out, "world.json"), "w") as f:  # written last: a folder cut off mid-write has none
+        json.dump(world(), f, indent=2)
 
 
 NUM_SAMPLING_STEPS, SAMPLING_BATCH = 25, 256
