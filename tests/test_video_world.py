@@ -17,8 +17,8 @@ import video_world as vw  # noqa: E402
 
 def _noisy(direction: str, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, vw.W, (n,), generator=g)
-    clean = torch.stack([vw.clip(direction, int(s)) for s in starts])
+    starts = torch.randint(0, len(vw.STARTS), (n,), generator=g)
+    clean = torch.stack([vw.clip(direction, vw.STARTS[int(k)]) for k in starts])
     return clean + vw.SPREAD * torch.randn(clean.shape, generator=g)
 
 
@@ -36,14 +36,16 @@ def test_oracle_reads_the_direction_of_clean_noisy_and_reversed_clips(direction)
 
 
 def test_no_single_frame_tells_the_direction():
-    t = vw.templates()  # [2, W, C, F, H, W]
+    t = vw.templates()  # [2, S, C, F, H, W]
     for f in range(vw.F):
         # at every frame index, the set of frames over all starts is the same in both directions
         frames = [sorted(tuple(x.flatten().tolist()) for x in t[d, :, :, f]) for d in range(2)]
         assert frames[0] == frames[1], f
-    # each clip moving right, read backwards, is the clip moving left from start + (F - 1)
-    for s in range(vw.W):
-        assert torch.equal(vw.clip("right", s).flip(1), vw.clip("left", (s + vw.STEP * (vw.F - 1)) % vw.W))
+    # each clip moving right, read backwards, is the clip moving left from start + STEP (F - 1), itself
+    # one of the world's motions
+    for s in vw.STARTS:
+        end = (s + vw.STEP * (vw.F - 1)) % vw.W
+        assert end in vw.STARTS and torch.equal(vw.clip("right", s).flip(1), vw.clip("left", end))
     # and the noisy data's per-frame statistics agree between directions
     r, l = _noisy("right", 4096, seed=2), _noisy("left", 4096, seed=3)
     for f in range(vw.F):
@@ -58,7 +60,8 @@ def test_noise_frozen_frames_and_blends_are_off_the_manifold():
     still = torch.stack([p] * vw.F, dim=1)[None]  # the pattern standing still: frames right, motion none
     assert not vw.on_manifold(still).any()
     t = vw.templates()
-    blends = torch.stack([(t[0, s] + t[1, (s + k) % vw.W]) / 2 for s in range(vw.W) for k in range(vw.W)])
+    n = len(vw.STARTS)
+    blends = torch.stack([(t[0, i] + t[1, j]) / 2 for i in range(n) for j in range(n)])
     assert not vw.on_manifold(blends).any()
 
 
@@ -74,6 +77,10 @@ def test_data_writes_wan_shards_of_pairs_reversed_in_time(tmp_path):
     assert (tmp_path / "model" / "transformer" / "config.json").is_file()
     sched = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert sched == vw.VIDEO_SCHEDULER_CONFIG
+    transformer = json.loads((tmp_path / "model" / "transformer" / "config.json").read_text())
+    assert {k: transformer[k] for k in vw.VIDEO_TRANSFORMER_CONFIG if k != "_class_name"} == \
+        {k: v for k, v in vw.VIDEO_TRANSFORMER_CONFIG.items() if k != "_class_name"}
+    assert json.loads((tmp_path / "world.json").read_text()) == vw.world()  # tools/demo_video.py's staleness check
     with tarfile.open(sorted(shards.glob("*.tar"))[0]) as tar:
         names = tar.getnames()
     assert any(n.endswith(".json") for n in names), names

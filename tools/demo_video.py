@@ -4,9 +4,9 @@ The video world of tools/video_world.py, end to end through the real launcher, w
 stage runner (its Console, launcher command, cache and DPO stages):
 
   1. data        2048 pairs: a clip moving `--prefer` (right) against the same clip reversed in time,
-                 and a fresh tiny Wan transformer (CFHW latents [4, 4, 8, 8], flow matching, no shift)
-  2. reference   that transformer trained on both clips of every pair (loss.type=sft, ZeRO-2): it
-                 samples both directions
+                 and a fresh small Wan transformer (CFHW latents [4, 3, 8, 8], flow matching, shift 3)
+  2. reference   that transformer trained on both clips of every pair (loss.type=sft, ZeRO-2, cosine
+                 decay of the learning rate): it samples both directions
   3. cache       tools/precompute_ref.py: the reference's errors for every pair and draw, once
   4. policy      Diffusion-DPO from the reference on ZeRO-3, reference.mode=cache, objective dpo+sft
   5. evaluation  flow-matching Euler samples of reference and policy from the same initial noise, scored
@@ -50,11 +50,14 @@ class VideoDemo(demo.Demo):
         (self.out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
 
     def write_data(self) -> str:
-        if not (self.data / "model" / "scheduler" / "scheduler_config.json").is_file():
+        stamp = self.data / "world.json"
+        # Rewritten when cut off mid-write or written by another version of the world (its clips, starts,
+        # scheduler or transformer): a run on stale data would train and score a different world.
+        if not stamp.is_file() or json.loads(stamp.read_text()) != video_world.world():
             shutil.rmtree(self.data, ignore_errors=True)
             video_world.write_data(str(self.data), num_pairs=NUM_PAIRS, prefer=self.args.prefer, seed=0)
         num_shards = len(list((self.data / "shards").glob("*.tar")))
-        return (f"{NUM_PAIRS} pairs in {num_shards} shards and a fresh tiny Wan transformer in "
+        return (f"{NUM_PAIRS} pairs in {num_shards} shards and a fresh small Wan transformer in "
                 f"{_shown(self.data)}")
 
     def train_reference(self) -> None:
@@ -63,6 +66,9 @@ class VideoDemo(demo.Demo):
                                                       f"--model.pretrained_path={self.data / 'model'}",
                                                       "--loss.type=sft", f"--train.max_steps={steps}",
                                                       f"--optim.lr={a.sft_lr}", "--optim.warmup_steps=20",
+                                                      # decayed to 0 at the end: the samples' distance to
+                                                      # the motions falls most in the last, slow steps
+                                                      "--optim.schedule=cosine",
                                                       f"--checkpoint.every_steps={steps}"],
                          self.env, out / "logs" / "sft.log", bar="train")
         shutil.rmtree(self.reference, ignore_errors=True)
@@ -130,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="runs/demo-video")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--prefer", default="right", choices=video_world.DIRECTIONS)
-    p.add_argument("--sft-steps", type=int, default=800)
+    p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument("--dpo-steps", type=int, default=100)
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--checkpoint-every", type=int, default=30)
     p.add_argument("--beta", type=float, default=500.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--objective", default="dpo+sft", choices=list(OBJECTIVES))

@@ -25,12 +25,13 @@ from dpo_ds.encode import Geometry
 from dpo_ds.models import FAMILIES, family_class
 
 
-def write_model(out_dir: str, seed: int, family: str = "sdxl", scheduler_config: dict | None = None) -> str:
-    """A diffusers folder: the family's tiny denoiser, freshly initialised from `seed`, and a scheduler
-    config (the family's training scheduler unless given)."""
+def write_model(out_dir: str, seed: int, family: str = "sdxl", scheduler_config: dict | None = None,
+                denoiser_config: dict | None = None) -> str:
+    """A diffusers folder: a denoiser freshly initialised from `seed` (the family's tiny one unless
+    `denoiser_config` is given) and a scheduler config (the family's training scheduler unless given)."""
     cls = family_class(family)
     torch.manual_seed(seed)
-    denoiser = cls.denoiser_from_config(cls.TINY_DENOISER_CONFIG)
+    denoiser = cls.denoiser_from_config(denoiser_config or cls.TINY_DENOISER_CONFIG)
     denoiser.save_pretrained(os.path.join(out_dir, cls.DENOISER_SUBFOLDER), safe_serialization=True)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:

@@ -1,23 +1,23 @@
 """A video world where alignment can be measured: motion to the left or to the right, an oracle, a sampler.
 
-The video counterpart of tools/toy_world.py. Clips are latent [C, F, H, W] = [4, 4, 8, 8] (Wan's CFHW
+The video counterpart of tools/toy_world.py. Clips are latent [C, F, H, W] = [4, 3, 8, 8] (Wan's CFHW
 layout). One fixed sign pattern P [C, H, W] (amplitude 0.8, one sign per channel and column, the same
 down the height) moves across the frames, circularly along the width, STEP = 2 pixels (one patch) per
-frame, to the right (frame f = P rolled by s + 2f) or to the left (P rolled by s − 2f), from a start s
-drawn uniformly from the W positions, plus Gaussian noise (0.2). Every frame of
-every clip is a shift of the same P, and at every frame index the shift is uniform over all W
-positions in both directions: no single frame tells the direction, only the temporal order does. A
-clip moving right read backwards is a clip moving left (start s + 2(F − 1)).
+frame, to the right (frame f = P rolled by s + 2f) or to the left (P rolled by s − 2f), from a start s of
+STARTS = (0, 2, 4, 6), the token-aligned ones, plus Gaussian noise (0.2): eight motions. At every frame
+index the shift is uniform over the same four positions in both directions, so no single frame tells the
+direction, only the temporal order does; and a clip moving right read backwards is the clip moving left
+from s + 4, itself one of the eight.
 
-The oracle compares a clip with the 2·W clean templates (two directions, W starts) and reads the
-direction of the nearest; a clip farther than RMS ON_MANIFOLD_RMS from every template (a diverged
-sampler, a blend of two motions, frames that do not move as one pattern) counts as no direction at all.
-A preference pair holds a clip of the preferred direction and the same clip reversed in time (own
-noise), with one fixed prompt: same content, same frames, only the order differs.
+The oracle compares a clip with the eight clean templates and reads the direction of the nearest; a clip
+farther than RMS ON_MANIFOLD_RMS from every template (a diverged sampler, a blend of two motions, frames
+that do not move as one pattern) counts as no direction at all. A preference pair holds a clip of the
+preferred direction and the same clip reversed in time (own noise), with one fixed prompt: same content,
+same frames, only the order differs.
 
   python tools/video_world.py data --out DIR [--num-pairs N] [--prefer right|left] [--seed S]
       writes DIR/shards/ (docs/design.md §4 format, family wan, latent_layout CFHW, with
-      empty_prompt.safetensors) and DIR/model/ (the wan family's tiny transformer, fresh, and
+      empty_prompt.safetensors) and DIR/model/ (VIDEO_TRANSFORMER_CONFIG's transformer, fresh, and
       VIDEO_SCHEDULER_CONFIG)
   python tools/video_world.py eval --reference TRANSFORMER_DIR --policy TRANSFORMER_DIR [--prefer right|left]
                                   [--num-samples N] [--json OUT]
@@ -39,27 +39,37 @@ import torch
 from dpo_ds.data import EMPTY_PROMPT_NAME, ShardWriter
 from dpo_ds.models import family_class
 from dpo_ds.models.family import Family
-from dpo_ds.models.wan import shift_sigma
+from dpo_ds.models.wan import TINY_TRANSFORMER_CONFIG, shift_sigma
 from make_synthetic import write_model  # a sibling script: the one writer of tiny models
 from toy_world import compare
 
 FAMILY = "wan"
 DIRECTIONS = ("right", "left")
 PATTERN_SEED = 20240602
-C, F, H, W = 4, 4, 8, 8
+C, F, H, W = 4, 3, 8, 8
 CLIP_SHAPE = (C, F, H, W)
 AMPLITUDE, SPREAD = 0.8, 0.2
 STEP = 2  # pixels per frame: one patch (Wan patches 2x2), so a token's content reappears one token over in the next frame
-# Flow matching as Wan trains, but with no shift. Wan 2.1's shift 3 moves σ toward pure noise for
-# latents of 10^4-10^5 elements, where coarse structure survives much noise; a 256-element clip loses its
-# pattern at far smaller σ (SD3 and Flux shift less for fewer tokens), so σ stays uniform on [0, 1].
+# The token-aligned starts: every motion along the lattice of patches, whatever frame it starts at, is one
+# of the world's. The transformer knows positions only relative to each other (3-D RoPE, no absolute
+# embedding), so a world that allowed some positions only at some frame indices (starts 0 and 4 alone)
+# was sampled as motions starting anywhere, mostly off its manifold (README, "The video world").
+STARTS = (0, 2, 4, 6)
+# Flow matching with Wan's own shift, 3. The clip is one pattern spread over all 192 elements, so its
+# motion survives much noise: the exact posterior picks it with probability 0.65 at σ = 0.9, 0.42 at
+# 0.93, 0.98 at 0.8. With σ uniform, a tenth of training and of the sampler's steps fall where the motion
+# is chosen; shift 3 gives that region a quarter of both (README: 0% of samples on the manifold -> 18-29%).
 VIDEO_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-                          "shift": 1.0}
+                          "shift": 3.0}
+# The wan family's tiny transformer made wider (4 heads of 16, not 2 of 12; ffn 128, not 32: 141,008
+# parameters, not 20,600): the tiny one put no sample on the manifold after 800 SFT steps.
+VIDEO_TRANSFORMER_CONFIG = {**TINY_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 16,
+                            "ffn_dim": 128}
 # A clip counts as on the data's manifold when its RMS distance to the nearest template is below this.
-# The data's is the noise, 0.2 (the exact posterior mean's Euler samples: 0.17-0.19); the nearest
-# templates of opposite directions share two frames of four and lie RMS 0.80 apart, so a blend of two
-# half-way lies 0.40 from both and counts as neither.
-ON_MANIFOLD_RMS = 0.35
+# The data's is the noise, 0.2 (the exact posterior mean's Euler samples: 0.14-0.17); the nearest
+# templates of opposite directions (the same start) share frames 0 and 2 and lie RMS 0.65 apart, so a
+# blend of the two lies 0.33 from both and counts as neither.
+ON_MANIFOLD_RMS = 0.3
 
 
 def pattern() -> torch.Tensor:
@@ -76,13 +86,13 @@ def clip(direction: str, start: int) -> torch.Tensor:
 
 
 def templates() -> torch.Tensor:
-    """[2, W, C, F, H, W]: every clean clip, by direction (right, left) and start."""
-    return torch.stack([torch.stack([clip(d, s) for s in range(W)]) for d in DIRECTIONS])
+    """[2, len(STARTS), C, F, H, W]: every clean clip, by direction (right, left) and start."""
+    return torch.stack([torch.stack([clip(d, s) for s in STARTS]) for d in DIRECTIONS])
 
 
 def template_distances(clips: torch.Tensor) -> torch.Tensor:
-    """[N, 2, W] mean squared distance of each clip [N, C, F, H, W] to each template."""
-    t = templates().flatten(2)  # [2, W, D]
+    """[N, 2, len(STARTS)] mean squared distance of each clip [N, C, F, H, W] to each template."""
+    t = templates().flatten(2)  # [2, S, D]
     x = clips.float().flatten(1)  # [N, D]
     return (x.pow(2).sum(1)[:, None, None] - 2 * torch.einsum("nd,kwd->nkw", x, t)
             + t.pow(2).sum(-1)[None]).clamp_min(0) / x.shape[1]
@@ -117,20 +127,27 @@ def prompt_conditioning() -> dict[str, torch.Tensor]:
     return family.synthetic_conditioning(family.TINY_DENOISER_CONFIG, 64, g, torch.float16)
 
 
+def world() -> dict:
+    """What a data folder was written for (DIR/world.json): a folder of another world is stale."""
+    return {"clip_shape": list(CLIP_SHAPE), "step": STEP, "starts": list(STARTS), "amplitude": AMPLITUDE,
+            "spread": SPREAD, "pattern_seed": PATTERN_SEED, "scheduler": VIDEO_SCHEDULER_CONFIG,
+            "transformer": VIDEO_TRANSFORMER_CONFIG}
+
+
 def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_shard: int = 64) -> None:
     """Preference shards (winner: a clip of the preferred direction; loser: the same clip reversed in
-    time, its own noise) and a fresh tiny transformer to start from."""
+    time, its own noise) and a fresh VIDEO_TRANSFORMER_CONFIG transformer to start from."""
     if prefer not in DIRECTIONS:
         raise ValueError(f"--prefer must be one of {DIRECTIONS}, got {prefer!r}")
     family = video_family()
     prompt = prompt_conditioning()
-    clean = templates()[DIRECTIONS.index(prefer)]  # [W, C, F, H, W]
+    clean = templates()[DIRECTIONS.index(prefer)]  # [S, C, F, H, W]
     g = torch.Generator().manual_seed(seed)
     shards = os.path.join(out, "shards")
     with ShardWriter(shards, max_pairs=pairs_per_shard) as writer:
         for i in range(num_pairs):
-            start = int(torch.randint(0, W, (), generator=g))
-            win = clean[start]
+            k = int(torch.randint(0, len(STARTS), (), generator=g))
+            start, win = STARTS[k], clean[k]
             tensors = {"latents_w": (win + SPREAD * torch.randn(CLIP_SHAPE, generator=g)).half(),
                        "latents_l": (win.flip(1) + SPREAD * torch.randn(CLIP_SHAPE, generator=g)).half(), **prompt}
             meta = {"caption": "a pattern moving", "family": FAMILY, "latent_layout": family.LATENT_LAYOUT,
@@ -142,7 +159,9 @@ def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_sh
     empty = {name: torch.randn(t.shape, generator=g_empty).half() for name, t in prompt.items()
              if name in family.PROMPT_TENSORS}
     safetensors.torch.save_file(empty, os.path.join(shards, EMPTY_PROMPT_NAME))
-    write_model(os.path.join(out, "model"), seed, FAMILY, VIDEO_SCHEDULER_CONFIG)
+    write_model(os.path.join(out, "model"), seed, FAMILY, VIDEO_SCHEDULER_CONFIG, VIDEO_TRANSFORMER_CONFIG)
+    with open(os.path.join(out, "world.json"), "w") as f:  # written last: a folder cut off mid-write has none
+        json.dump(world(), f, indent=2)
 
 
 NUM_SAMPLING_STEPS, SAMPLING_BATCH = 25, 256
