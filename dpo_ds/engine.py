@@ -220,6 +220,11 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def device_name() -> str | None:
+    """The accelerator's model name (e.g. "NVIDIA H100 80GB HBM3"); None on CPU."""
+    return torch.cuda.get_device_name() if has_gpu() and torch.cuda.is_available() else None
+
+
 def max_memory_allocated_gb() -> float:
     return get_accelerator().max_memory_allocated() / 2**30
 
