@@ -13,7 +13,8 @@ its target (docs/BENCHMARKS.md holds the figures measured so far).
                    ZeRO-3 through the real `deepspeed` launcher: target <= 0.55
 
 Prints one JSON line per figure ({"figure", "ratio", "target", "pass", ...what was measured}), then a
-table. --quick runs every figure on toy sizes (a smoke test, not a measurement).
+table (about 5 minutes on a 2-core CPU). --quick runs the figures on toy sizes (a smoke test, not a
+measurement).
 
   python tools/bench.py [--out DIR] [--quick] [--figures data_sdxl,data_wan,reference,zero3_memory]
 """
@@ -39,7 +40,6 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 from dpo_ds.data import PairLoader, ShardWriter, list_shards  # noqa: E402
 from dpo_ds.models import family_class  # noqa: E402
 
-FIGURES = ("data_sdxl", "data_wan", "reference", "zero3_memory")
 APPETITE = 10.0  # pairs/s one H100 trains at the target throughput
 
 # Real SDXL / Wan 2.1 14B denoiser config entries that the families' schemas read.
