@@ -13,7 +13,7 @@ TEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo
 DEMO_VIDEO_DIR ?= runs/demo-video
 
-.PHONY: venv demo demo-video demo-objectives test test-fast clean
+.PHONY: venv demo demo-video demo-objectives test test-fast bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@echo "make: creating $(VENV) with torch and dpo_ds (first use only, a few minutes)"
@@ -44,6 +44,10 @@ test: venv
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs -m "not slow" tests
+
+# The benchmark figures (tools/bench.py): one JSON line per figure, then a table; docs/BENCHMARKS.md.
+bench: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/bench.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -252,6 +252,22 @@ class LoggingConfig(_Section):
     the policy is getting worse on what was preferred."""
     progress: bool = True
     """Console progress bar with ETA on rank 0."""
+    peak_tflops: float | str | None = None
+    """The peak perf/mfu divides perf/tflops by: a number (dense bf16 TFLOP/s of one device) or a device
+    name, A100 (312), H100 (989), H200 (989) or B200 (2250). null: the GPU's name decides (any other GPU,
+    and CPU, log no perf/mfu)."""
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _known_peak(cls, v: float | str | None) -> float | str | None:
+        from dpo_ds.perf import PEAK_TFLOPS
+
+        if isinstance(v, str) and v.upper() not in PEAK_TFLOPS:
+            raise ValueError(f"logging.peak_tflops: unknown device {v!r}; give a number (TFLOP/s) or one of "
+                             f"{', '.join(PEAK_TFLOPS)}")
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"logging.peak_tflops: {v} must be positive")
+        return v
 
 
 class RunConfig(_Section):

@@ -220,6 +220,11 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def device_name() -> str | None:
+    """The accelerator's model name (e.g. "NVIDIA H100 80GB HBM3"); None on CPU."""
+    return torch.cuda.get_device_name() if has_gpu() and torch.cuda.is_available() else None
+
+
 def max_memory_allocated_gb() -> float:
     return get_accelerator().max_memory_allocated() / 2**30
 
@@ -348,6 +353,29 @@ class Policy:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of what ZeRO-3 partitions, after a step: "params" (the parameters left whole on
+        the rank, below stage3_param_persistence_threshold, and the partitions of the others, working copy
+        and fp32 master), "grads" (the gradient partitions) and "optimizer" (the optimizer's state). A
+        storage shared by several is counted once (tools/bench.py's ZeRO-3 memory figure)."""
+        assert self.is_zero3, "state_bytes reads ZeRO-3's partitions"
+        opt, seen = self.optimizer, set()
+
+        def nbytes(tensors) -> int:
+            total = 0
+            for t in tensors:
+                storage = t.untyped_storage()
+                if t.numel() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+            return total
+
+        return {"params": nbytes([p.data for p in self.module.parameters()] + list(opt.fp16_partitioned_groups_flat)
+                                 + list(opt.fp32_partitioned_groups_flat)),
+                "grads": nbytes([opt.grad_partitions_flat_buffer]),
+                "optimizer": nbytes([v for state in opt.optimizer.state.values() for v in state.values()
+                                     if torch.is_tensor(v)])}
 
     # ------------------------------------------------------------ checkpoints
 

@@ -29,13 +29,15 @@ class Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.seconds = 0.0
         self.data_wait = 0.0
+        self.flops = 0  # this rank's policy forward and backward FLOPs (dpo_ds.perf)
         self.num_steps = 0
 
-    def add(self, sums: dict[str, torch.Tensor], seconds: float, data_wait: float) -> None:
+    def add(self, sums: dict[str, torch.Tensor], seconds: float, data_wait: float, flops: int = 0) -> None:
         for k, v in sums.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.seconds += seconds
         self.data_wait += data_wait
+        self.flops += flops
         self.num_steps += 1
 
     def means(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
@@ -55,6 +57,13 @@ class Window:
                     out.update({f"{prefix}/implicit_acc/{b}_noise": correct / pairs,
                                 f"{prefix}/gap_w/{b}_noise": gap_w / pairs, f"{prefix}/gap_l/{b}_noise": gap_l / pairs})
         return out, count
+
+
+def perf_scalars(flops: int, seconds: float, peak_tflops: float | None) -> dict[str, float]:
+    """perf/tflops, this rank's achieved model TFLOP/s over a window of `seconds`, and perf/mfu, that over
+    `peak_tflops` (logged only when a peak is known: logging.peak_tflops or a GPU of dpo_ds.perf's table)."""
+    tflops = flops / max(seconds, 1e-9) / 1e12
+    return {"perf/tflops": tflops, **({"perf/mfu": tflops / peak_tflops} if peak_tflops else {})}
 
 
 class GapWatch:

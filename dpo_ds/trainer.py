@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds import engine, models, reference
+from dpo_ds import engine, models, perf, reference
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards, prompt_dropout
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.losses import bucket_sums, preference_loss, sft_loss
-from dpo_ds.metrics import GapWatch, Metrics, Window
+from dpo_ds.metrics import GapWatch, Metrics, Window, perf_scalars
 from dpo_ds.models.family import Family
 
 log = logging.getLogger("dpo_ds")
@@ -64,8 +64,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical fresh init on every rank (from-config models)
         denoiser = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
         self.family.set_attention(denoiser, cfg.model.attention)
-        models.select_trainable(denoiser, cfg.model.trainable if cfg.model.trainable is not None
-                                else family.DEFAULT_TRAINABLE)
+        self.trainable = cfg.model.trainable if cfg.model.trainable is not None else family.DEFAULT_TRAINABLE
+        models.select_trainable(denoiser, self.trainable)
         self.denoiser_config = dict(denoiser.config)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
@@ -87,6 +87,9 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer,
             schema=schema, draw_t=self.family.draw_t, num_draws=self.reference.num_draws if self.has_cache else None,
             dropout=prompt_dropout(cfg.data.empty_prompt_prob, shards, family.PROMPT_TENSORS, schema))
+        self.pair_flops = self._count_flops(schema)
+        self.peak_tflops = perf.peak_tflops(cfg.logging.peak_tflops, engine.device_name())
+        self.flops = 0  # this rank's policy FLOPs since the last logging window took them
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
         self.gap_watch = GapWatch(cfg.logging.gap_w_window)
@@ -97,6 +100,20 @@ class Trainer:
                 world_size=engine.world_size(), seed=cfg.seed, num_workers=0, shuffle_buffer=1,
                 schema=schema, draw_t=self.family.draw_t, num_draws=1,
                 dropout=prompt_dropout(cfg.data.empty_prompt_prob, val_shards, family.PROMPT_TENSORS, schema))
+
+    def _count_flops(self, schema: dict) -> dict[tuple[int, ...], int]:
+        """FLOPs of the policy's forward and backward per pair, for each latent shape the loader's buckets
+        record (or the schema pins); a shape neither knows is counted when its first batch arrives."""
+        shapes = {tuple(b) for b in self.loader.buckets if b is not None}
+        if not shapes and schema["latents_w"] is not None:
+            shapes = {tuple(schema["latents_w"])}
+        return {shape: self._pair_flops(shape) for shape in shapes}
+
+    def _pair_flops(self, shape: tuple[int, ...]) -> int:
+        flops = perf.pair_flops(self.family, self.denoiser_config, self.trainable, shape, self.dtype)
+        if engine.rank() == 0:
+            log.info("policy forward and backward: %.4g GFLOPs per pair at latents %s", flops / 1e9, list(shape))
+        return flops
 
     # ------------------------------------------------------------ the step
 
@@ -136,11 +153,18 @@ class Trainer:
             self.policy.backward(loss)
             self.policy.step()
             num_good += 1
+            self.flops += self._batch_flops(batch)
             self.nonfinite_in_row = 0
             for name, value in diag.items():
                 sums[name] = sums[name] + value if name in sums else value
         sums["count"] = torch.tensor(float(num_good), device=self.device)
         return sums
+
+    def _batch_flops(self, batch: dict) -> int:
+        shape = tuple(batch["latents_w"].shape[1:])
+        if shape not in self.pair_flops:  # shards that record no shape: counted once, on first sight
+            self.pair_flops[shape] = self._pair_flops(shape)
+        return self.pair_flops[shape] * len(batch["keys"])
 
     # ------------------------------------------------------------ around the step
 
@@ -162,8 +186,8 @@ class Trainer:
                 sums = self.train_step(batches)
                 state.step += 1
                 state.samples_seen += int(sums["count"].item()) * cfg.train.micro_batch_size * engine.world_size()
-                window.add(sums, time.perf_counter() - t0, self.data_wait)
-                self.data_wait = 0.0
+                window.add(sums, time.perf_counter() - t0, self.data_wait, self.flops)
+                self.data_wait, self.flops = 0.0, 0
                 if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
                     scalars = self._reduce(window)
                     metrics.scalars(state.step, scalars)
@@ -221,6 +245,7 @@ class Trainer:
             "perf/pairs_per_s": count * self.cfg.train.micro_batch_size / max(window.seconds, 1e-9),
             "perf/step_time_s": window.seconds / window.num_steps,
             "perf/data_wait_frac": window.data_wait / max(window.seconds, 1e-9),
+            **perf_scalars(window.flops, window.seconds, self.peak_tflops),
         })
         if self.cache_drift is not None:
             out["ref/cache_drift"], self.cache_drift = self.cache_drift, None

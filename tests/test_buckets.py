@@ -251,6 +251,9 @@ def test_wan_clips_of_two_frame_counts_and_two_sizes_train_and_resume_bitwise(tm
     proc = deepspeed_train(straight)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "4 shape buckets" in proc.stderr
+    # perf/tflops: the policy's FLOPs per pair counted at start for each bucket's shape (dpo_ds.perf).
+    assert all(f"GFLOPs per pair at latents {list(shape)}" in proc.stderr for shape in shapes)
+    assert all(v > 0 for _, v in read_scalars(tmp_path / "straight" / "tensorboard")["perf/tflops"])
     cfg = write_run_config(tmp_path / "run.yaml", tmp_path, tmp_path / "run", **sections,
                            train={"max_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2})
     proc = deepspeed_train(cfg)

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 SCALARS = ["train/loss", "train/implicit_acc", "train/reward_margin", "train/model_err_w", "train/model_err_l",
            "train/ref_err_w", "train/ref_err_l", "train/gap_w", "train/gap_l", "train/saturation",
-           "train/grad_norm", "train/lr", "perf/pairs_per_s", "perf/step_time_s", "perf/data_wait_frac"]
+           "train/grad_norm", "train/lr", "perf/pairs_per_s", "perf/step_time_s", "perf/data_wait_frac",
+           "perf/tflops"]
 MAX_STEPS = 6  # 32 pairs / (2 ranks x 2 pairs) = 8 micro-batches per epoch
 
 
@@ -56,6 +57,8 @@ def test_every_scalar_logged_and_finite(straight):
         steps = [s for s, _ in scalars[name]]
         assert steps == list(range(1, MAX_STEPS + 1)), (name, steps)
         assert all(math.isfinite(v) for _, v in scalars[name]), name
+    assert all(v > 0 for _, v in scalars["perf/tflops"])
+    assert "perf/mfu" not in scalars  # CPU, no logging.peak_tflops: no peak to divide by
     # At step 1 the policy is the reference: z = 0 exactly, loss = log 2.
     assert scalars["train/loss"][0][1] == pytest.approx(math.log(2), abs=1e-6)
     assert scalars["train/gap_w"][0][1] == pytest.approx(0.0, abs=1e-7)

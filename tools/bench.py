@@ -1,0 +1,218 @@
+"""The project's benchmark figures, each a ratio of two things measured side by side in one run, with
+its target (docs/BENCHMARKS.md holds the figures measured so far).
+
+  data_sdxl        pairs/s per rank that dpo_ds's PairLoader delivers (2 loader workers, the seeded
+                   draw of t and noise included) from local shards of SDXL-size pairs (latents
+                   4x128x128, prompt_embeds [77, 2048], pooled [1280], time ids, fp16), over 10 pairs/s,
+                   one H100's appetite: target >= 10 (100 pairs/s)
+  data_wan         the same for Wan 2.1-size clips (latents 16x21x60x104, prompt_embeds [512, 4096]),
+                   against the same 10 pairs/s: target >= 10
+  reference        a step with the reference cache over one with the live (ZeRO-3, CPU-offloaded)
+                   reference, gradient checkpointing off (tools/bench_reference.py): target <= 0.80
+  zero3_memory     parameter + gradient + optimizer-state bytes per rank with 2 processes over 1,
+                   ZeRO-3 through the real `deepspeed` launcher: target <= 0.55
+
+Prints one JSON line per figure ({"figure", "ratio", "target", "pass", ...what was measured}), then a
+table (about 5 minutes on a 2-core CPU). --quick runs the figures on toy sizes (a smoke test, not a
+measurement).
+
+  python tools/bench.py [--out DIR] [--quick] [--figures data_sdxl,data_wan,reference,zero3_memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+from dpo_ds.data import PairLoader, ShardWriter, list_shards  # noqa: E402
+from dpo_ds.models import family_class  # noqa: E402
+
+APPETITE = 10.0  # pairs/s one H100 trains at the target throughput
+
+# Real SDXL / Wan 2.1 14B denoiser config entries that the families' schemas read.
+SDXL_UNET = {"in_channels": 4, "cross_attention_dim": 2048, "projection_class_embeddings_input_dim": 2816,
+             "addition_time_embed_dim": 256}
+WAN_TRANSFORMER = {"in_channels": 16, "text_dim": 4096}
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _data_figure(name: str, family: str, denoiser_config: dict, latent_shape: tuple[int, ...], num_pairs: int,
+                 pairs_per_shard: int, batch_size: int, out: str) -> dict:
+    """pairs/s of one rank's PairLoader with 2 workers over an epoch of freshly written shards."""
+    spec = family_class(family).tiny(None)
+    schema = spec.sample_schema(denoiser_config)
+    folder = os.path.join(out, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    with ShardWriter(folder, prefix="bench", max_pairs=pairs_per_shard) as writer:
+        for i in range(num_pairs):
+            tensors = {name: torch.randn(latent_shape, generator=g).half() for name in ("latents_w", "latents_l")}
+            tensors.update(spec.synthetic_conditioning(denoiser_config, latent_shape[-1] * 8, g, torch.float16))
+            writer.write(f"pair{i:08d}", {"caption": f"bench pair {i}", "family": family,
+                                          "latent_layout": spec.LATENT_LAYOUT, "label": 1.0}, tensors)
+    write_s = time.perf_counter() - t0
+    shards = list_shards(folder)
+    loader = PairLoader(shards, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=2,
+                        shuffle_buffer=16, schema=schema, draw_t=spec.draw_t)
+    # From the first batch on: the workers' start-up is paid once per run, not per pair.
+    batches = loader.epoch(0)
+    next(batches)
+    t0 = time.perf_counter()
+    pairs = sum(len(b["keys"]) for b in batches)
+    seconds = time.perf_counter() - t0
+    shard_mb = sum(os.path.getsize(s.url) for s in shards) / 2**20
+    shutil.rmtree(folder, ignore_errors=True)
+    rate = pairs / seconds
+    return {"figure": name, "ratio": rate / APPETITE, "target": ">= 10", "pass": rate / APPETITE >= 10,
+            "pairs_per_s": rate, "appetite_pairs_per_s": APPETITE, "pairs_timed": pairs, "batch_size": batch_size,
+            "latents": list(latent_shape), "shard_mb": round(shard_mb, 1), "write_s": round(write_s, 2),
+            "loader_workers": 2}
+
+
+def data_sdxl(args) -> dict:
+    side = 8 if args.quick else 128
+    return _data_figure("data_sdxl", "sdxl", SDXL_UNET, (4, side, side), 16 if args.quick else 320,
+                        8 if args.quick else 40, 4, args.out)
+
+
+def data_wan(args) -> dict:
+    shape = (16, 3, 8, 8) if args.quick else (16, 21, 60, 104)
+    return _data_figure("data_wan", "wan", WAN_TRANSFORMER, shape, 8 if args.quick else 48,
+                        2 if args.quick else 6, 1, args.out)
+
+
+def reference(args) -> dict:
+    """tools/bench_reference.py in a process of its own (it starts a process group of one)."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", "bench_reference.py"), "--out", os.path.join(args.out, "ref")]
+    cmd += ["--resolution", "64", "--steps", "2", "--warmup", "1", "--micro-batch-size", "2"] if args.quick else \
+        ["--resolution", "128", "--steps", "10"]
+    proc = _run(cmd)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"figure": "reference", "ratio": result["ratio"], "target": "<= 0.80", "pass": result["ratio"] <= 0.80,
+            **{k: v for k, v in result.items() if k != "ratio"}}
+
+
+def _zero3_setup(out: str, quick: bool) -> list[str]:
+    """A synthetic data set and an SDXL-layout UNet of widths 160, 320 (about 25M parameters, nearly all in
+    tensors above ZeRO-3's persistence threshold, as in SDXL; the toy UNet's would stay whole on every
+    rank); returns the run's overrides."""
+    from make_synthetic import write_shards
+
+    from dpo_ds.models.sdxl import SDXL
+
+    os.makedirs(out, exist_ok=True)
+    config = dict(SDXL.TINY_DENOISER_CONFIG)
+    if not quick:
+        config.update(block_out_channels=[160, 320], attention_head_dim=[5, 10])
+    paths = {name: os.path.join(out, f"{name}.json") for name in ("unet", "scheduler")}
+    for name, value in (("unet", config), ("scheduler", SDXL.SCHEDULER_CONFIG)):
+        with open(paths[name], "w") as f:
+            json.dump(value, f)
+    write_shards(os.path.join(out, "shards"), num_pairs=8, pairs_per_shard=4, resolution=64, seed=0)
+    return [f"--output_dir={os.path.join(out, 'run')}", f"--model.denoiser_config={paths['unet']}",
+            f"--model.scheduler_config={paths['scheduler']}", f"--data.shards={os.path.join(out, 'shards')}",
+            "--data.resolution=64", "--data.num_workers=0", "--train.micro_batch_size=2", "--train.max_steps=1",
+            "--loss.type=sft", "--logging.progress=false"]
+
+
+def zero3_probe(out: str) -> None:
+    """In each rank of the launcher: build the trainer, take one step, write this rank's state bytes."""
+    from dpo_ds import engine, models
+    from dpo_ds.config import load_config, resolve_ds_config, training_dtype
+    from dpo_ds.trainer import Trainer
+
+    engine.init_distributed()
+    with open(os.path.join(out, "overrides.json")) as f:
+        cfg = load_config(None, json.load(f))
+    dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
+    trainer = Trainer(cfg, resolve_ds_config(os.path.join(REPO, "ds_configs", "zero3.json"), cfg, engine.world_size(),
+                                             dtype), dtype, models.build(cfg), list_shards(cfg.data.shards))
+    trainer.data_wait, trainer.nonfinite_in_row = 0.0, 0
+    trainer.policy.train()
+    trainer.train_step(trainer.loader.batches())
+    result = {**trainer.policy.state_bytes(), "num_params": sum(p.ds_numel for p in trainer.policy.module.parameters())}
+    with open(os.path.join(out, f"state_rank{engine.rank()}_of{engine.world_size()}.json"), "w") as f:
+        json.dump(result, f)
+    engine.destroy()
+
+
+def zero3_memory(args) -> dict:
+    """zero3_probe through the real `deepspeed` launcher at 1 and at 2 CPU processes; the larger rank."""
+    out = os.path.join(args.out, "zero3")
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = _zero3_setup(out, args.quick)
+    with open(os.path.join(out, "overrides.json"), "w") as f:
+        json.dump(overrides, f)
+    totals = {}
+    for nproc in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc),
+                        "--master_port", str(port), os.path.abspath(__file__), "--zero3-probe", out], check=True, capture_output=True, text=True,
+                       env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"})
+        ranks = [json.load(open(os.path.join(out, f"state_rank{r}_of{nproc}.json"))) for r in range(nproc)]
+        totals[nproc] = max(ranks, key=lambda r: r["params"] + r["grads"] + r["optimizer"])
+    one, two = (sum(totals[n][k] for k in ("params", "grads", "optimizer")) for n in (1, 2))
+    return {"figure": "zero3_memory", "ratio": two / one, "target": "<= 0.55", "pass": two / one <= 0.55,
+            "bytes_1_proc": totals[1], "bytes_2_procs_max_rank": totals[2], "num_params": totals[1]["num_params"],
+            "ds_config": "ds_configs/zero3.json"}
+
+
+FUNCTIONS = {"data_sdxl": data_sdxl, "data_wan": data_wan, "reference": reference, "zero3_memory": zero3_memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="work folder (default: a temporary one, removed after)")
+    p.add_argument("--quick", action="store_true", help="toy sizes: checks the figures run, measures nothing")
+    p.add_argument("--figures", default=",".join(FUNCTIONS), help=f"comma-separated, of {', '.join(FUNCTIONS)}")
+    p.add_argument("--zero3-probe", metavar="DIR", help=argparse.SUPPRESS)  # a launcher rank's job (zero3_memory)
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher's; engine reads LOCAL_RANK
+    args = p.parse_args(argv)
+    if args.zero3_probe:
+        zero3_probe(args.zero3_probe)
+        return 0
+    figures = args.figures.split(",")
+    unknown = [f for f in figures if f not in FUNCTIONS]
+    if unknown:
+        p.error(f"unknown figures {unknown}; choose from {', '.join(FUNCTIONS)}")
+    temporary = args.out is None
+    args.out = args.out or tempfile.mkdtemp(prefix="dpo_ds_bench_")
+    rows = []
+    try:
+        for name in figures:
+            row = {**FUNCTIONS[name](args), "quick": args.quick}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        if temporary:
+            shutil.rmtree(args.out, ignore_errors=True)
+    print(f"\n{'figure':<14} {'ratio':>8}  {'target':<8} {'pass':<5}")
+    for row in rows:
+        print(f"{row['figure']:<14} {row['ratio']:>8.3f}  {row['target']:<8} {'yes' if row['pass'] else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
