@@ -36,7 +36,9 @@ def pair_flops(family: Family, denoiser_config: dict, trainable: list[str] | tup
     model FLOPs, as MFU counts them, not the recomputed forward."""
     with torch.device("meta"):
         denoiser = family.denoiser_from_config(denoiser_config)
-    torch.nn.Module.to(denoiser, dtype)  # not diffusers' override, which warns about fp32 modules
+    # Not diffusers' override of .to, which warns about fp32 modules. "meta" again: a few constructors
+    # ignore the default device (SVD's mix factors are torch.Tensor([alpha]), made on the CPU).
+    torch.nn.Module.to(denoiser, "meta", dtype)
     models.select_trainable(denoiser, trainable)
     g = torch.Generator().manual_seed(0)
     side = latent_shape[-1] * 8  # an image size for the conditioning's values only; shapes do not depend on it

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dpo_ds import perf
+from dpo_ds import models, perf
 from dpo_ds.config import load_config
 from dpo_ds.metrics import perf_scalars
 from dpo_ds.models.sdxl import SDXL
@@ -43,6 +43,16 @@ def test_forward_and_backward_is_about_three_forwards():
         family.predict(unet, x_t, t, batch, torch.float32)
     forward = counter.get_total_flops()
     assert 2.7 * forward < _pair_flops() < 3.05 * forward
+
+
+@pytest.mark.parametrize("name", sorted(models.FAMILIES))
+def test_every_familys_pair_is_counted_on_the_meta_device(name):
+    """Each family's tiny denoiser, as the trainer counts it at start (svd's mix factors were built on the
+    CPU inside the meta device and stopped its first run)."""
+    cls = models.family_class(name)
+    shape = (4, 2, 8, 8) if cls.LATENT_LAYOUT == "CFHW" else (4, 8, 8)
+    flops = perf.pair_flops(cls.tiny(64), cls.TINY_DENOISER_CONFIG, cls.DEFAULT_TRAINABLE, shape, torch.float32)
+    assert flops > 1e6
 
 
 def test_frozen_weights_cost_no_weight_gradient():
