@@ -19,7 +19,7 @@ from conftest import REPO, env
 
 pytestmark = pytest.mark.slow
 
-FEWER_STEPS = ["--sft-steps", "300", "--dpo-steps", "80", "--checkpoint-every", "40", "--num-samples", "256"]
+FEWER_STEPS = ["--sft-steps", "300", "--dpo-steps", "40", "--checkpoint-every", "20", "--num-samples", "256"]
 
 
 def _demo(out: Path, *args: str) -> tuple[dict, str]:
@@ -68,7 +68,7 @@ def test_report_files_are_real_plots(preferring_a):
             assert im.size[0] > 300 and im.size[1] > 200
             # a real plot: many distinct colours, not a blank canvas
             assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20
-    assert [step for step, _, _ in result["rate_curve"]] == [0, 40, 80]
+    assert [step for step, _, _ in result["rate_curve"]] == [0, 20, 40]
 
 
 def test_terminal_shows_stages_progress_and_where_to_look(preferring_a):
