@@ -354,6 +354,21 @@ class PreparedVideoPair:
     bucket: tuple[int, int, int] | None = None  # (frames, height, width), with ClipSpec.buckets
 
 
+def text_to_video_samples(encoder, batch: list[PreparedVideoPair], store_dtype: torch.dtype, source: dict,
+                          meta: dict) -> Iterator[tuple[dict, dict]]:
+    """(tensors, meta) of each pair of a text-to-video family's batch: both clips through
+    encoder.encode_videos in one call, the captions through encoder.encode_prompts; `meta` holds the
+    family's fields (family, layout, scaling), each pair adds its caption and source."""
+    latents_w, latents_l = encoder.encode_videos(torch.stack([p.pixels_w for p in batch] +
+                                                             [p.pixels_l for p in batch])).chunk(2)
+    prompt_embeds = encoder.encode_prompts([p.caption for p in batch])
+    for i, pair in enumerate(batch):
+        tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
+                   "prompt_embeds": prompt_embeds[i].cpu().to(store_dtype)}
+        yield tensors, {"caption": pair.caption, **meta, "label": 1.0,
+                        "source": {"tool": "encode_pairs", **source, **pair.source}}
+
+
 def video_size(data: bytes, column: str) -> tuple[int, int]:
     """(height, width) of a video's first video stream, from its header (nothing decoded). Raises BadRow."""
     import av

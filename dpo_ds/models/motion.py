@@ -14,13 +14,11 @@ UNetMotionModel.from_unet2d(UNet2DConditionModel.from_pretrained(...), MotionAda
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dpo_ds.models.sd15 import TEXT_SEQ_LEN
 from dpo_ds.models.unet2d import DDPMUNet2D
-from dpo_ds.models.unet3d import sample_clips
+from dpo_ds.models.unet3d import clip_video_pipeline, sample_clips
 
 
 class Motion(DDPMUNet2D):
@@ -68,17 +66,10 @@ class Motion(DDPMUNet2D):
 
     @staticmethod
     def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):
-        from diffusers import AnimateDiffPipeline, AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import AnimateDiffPipeline
 
         # The motion adapter is already inside the UNetMotionModel.
-        pipe = AnimateDiffPipeline(
-            vae=AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=dtype),
-            text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=dtype),
-            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
-            unet=unet, motion_adapter=None, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return clip_video_pipeline(AnimateDiffPipeline, base, unet, scheduler, dtype, motion_adapter=None)
 
     def sample_schema(self, unet_config: dict) -> dict[str, tuple[int, ...] | None]:
         """latents_w/l: any shape (the frame count is an encoding choice, as for unet3d); prompt_embeds [77, D]."""

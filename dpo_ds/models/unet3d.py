@@ -37,6 +37,22 @@ def sample_clips(pipe, prompts: list[str], generators: list[torch.Generator], *,
     return to_uint8(np.asarray(frames))
 
 
+def clip_video_pipeline(pipeline_class, base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype,
+                        **parts):
+    """A video UNet's diffusers pipeline on SD's image VAE and one CLIP text encoder from the folder `base`
+    (vae/, text_encoder/, tokenizer/), with `unet`, `scheduler` and any further `parts`, progress bar off."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = pipeline_class(
+        vae=AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
+        unet=unet, scheduler=scheduler, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def without_dropout(unet: torch.nn.Module) -> torch.nn.Module:
     """The UNet with its dropout off. diffusers' 3D blocks fix a dropout of 0.1 in every temporal convolution
     (no config key): in the policy alone (the reference runs in eval mode) it would make the policy's error
@@ -105,16 +121,9 @@ class UNet3D(DDPMUNet2D):
 
     @staticmethod
     def pipeline(base: str, unet: torch.nn.Module, scheduler, dtype: torch.dtype):
-        from diffusers import AutoencoderKL, TextToVideoSDPipeline
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import TextToVideoSDPipeline
 
-        pipe = TextToVideoSDPipeline(
-            vae=AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=dtype),
-            text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=dtype),
-            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer")),
-            unet=unet, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return clip_video_pipeline(TextToVideoSDPipeline, base, unet, scheduler, dtype)
 
     def sample_schema(self, unet_config: dict) -> dict[str, tuple[int, ...] | None]:
         """latents_w/l: any shape (None): the frame count is an encoding choice (tools/encode_pairs.py

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dpo_ds.encode import PreparedVideoPair
+from dpo_ds.encode import PreparedVideoPair, text_to_video_samples
 from dpo_ds.models.motion import Motion
 from dpo_ds.models.sd15_encoder import SD15Encoder
 from dpo_ds.models.unet3d import UNet3D
@@ -43,16 +43,9 @@ class UNet3DEncoder(SD15Encoder):
 
     def samples(self, batch: list[PreparedVideoPair], store_dtype: torch.dtype, source: dict):
         """(tensors, meta) of each pair of the batch, as the FAMILY's shards hold them."""
-        latents_w, latents_l = self.encode_videos(torch.stack([p.pixels_w for p in batch] +
-                                                              [p.pixels_l for p in batch])).chunk(2)
-        prompt_embeds = self.encode_prompts([p.caption for p in batch])
-        for i, pair in enumerate(batch):
-            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
-                       "prompt_embeds": prompt_embeds[i].cpu().to(store_dtype)}
-            meta = {"caption": pair.caption, "family": self.FAMILY.NAME, "latent_layout": self.FAMILY.LATENT_LAYOUT,
-                    "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, "label": 1.0,
-                    "source": {"tool": "encode_pairs", **source, **pair.source}}
-            yield tensors, meta
+        return text_to_video_samples(self, batch, store_dtype, source, {
+            "family": self.FAMILY.NAME, "latent_layout": self.FAMILY.LATENT_LAYOUT,
+            "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor})
 
 
 class MotionEncoder(UNet3DEncoder):

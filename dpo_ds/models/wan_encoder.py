@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from dpo_ds.encode import PreparedVideoPair, subfolder
+from dpo_ds.encode import PreparedVideoPair, subfolder, text_to_video_samples
 
 LAYOUT = "a Wan-layout diffusers folder (vae/, text_encoder/, tokenizer/)"
 
@@ -92,14 +92,7 @@ class WanEncoder:
 
     def samples(self, batch: list[PreparedVideoPair], store_dtype: torch.dtype, source: dict):
         """(tensors, meta) of each pair of the batch, as the wan family's shards hold them."""
-        latents_w, latents_l = self.encode_videos(torch.stack([p.pixels_w for p in batch] +
-                                                              [p.pixels_l for p in batch])).chunk(2)
-        prompt_embeds = self.encode_prompts([p.caption for p in batch])
-        for i, pair in enumerate(batch):
-            tensors = {"latents_w": latents_w[i].to(store_dtype), "latents_l": latents_l[i].to(store_dtype),
-                       "prompt_embeds": prompt_embeds[i].to(store_dtype)}
-            # The normalisation is per channel, so scaling_factor is 1 and mean/std travel beside it.
-            meta = {"caption": pair.caption, "family": "wan", "latent_layout": "CFHW", "scaling_factor": 1.0,
-                    "shift_factor": None, "latents_mean": self.latents_mean, "latents_std": self.latents_std,
-                    "label": 1.0, "source": {"tool": "encode_pairs", **source, **pair.source}}
-            yield tensors, meta
+        # The normalisation is per channel, so scaling_factor is 1 and mean/std travel beside it.
+        return text_to_video_samples(self, batch, store_dtype, source, {
+            "family": "wan", "latent_layout": "CFHW", "scaling_factor": 1.0, "shift_factor": None,
+            "latents_mean": self.latents_mean, "latents_std": self.latents_std})
