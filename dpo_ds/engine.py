@@ -8,6 +8,7 @@ offloaded), and a handful of collective helpers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -28,6 +29,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint import ds_to_universal
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.runtime.zero.partitioned_param_coordinator import ZeRoTraceMode
 
 from dpo_ds import launchenv
 from dpo_ds.config import OptimConfig
@@ -46,6 +49,12 @@ if os.access(sys.prefix, os.W_OK):
 _bin = os.path.dirname(sys.executable)
 if os.path.isfile(os.path.join(_bin, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
     os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+
+# The ZeRO-3 parameter coordinator's step state (private to DeepSpeed 0.19's PartitionedParameterCoordinator):
+# its trace mode, position in the trace and count of gathered elements, which the reference's forward inside the
+# policy must leave as it found them (Policy.values_swapped_in).
+_COORDINATOR_STEP = tuple(f"_PartitionedParameterCoordinator__{name}"
+                          for name in ("trace_mode", "step_id", "n_available_params"))
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -377,6 +386,72 @@ class Policy:
                 "optimizer": nbytes([v for state in opt.optimizer.state.values() for v in state.values()
                                      if torch.is_tensor(v)])}
 
+    # ------------------------------------------------------------ a reference inside the policy
+
+    def trainable_values(self) -> list[torch.Tensor]:
+        """Copies of what this rank holds of the trainable parameters, in module order: each parameter whole under
+        ZeRO-0/1/2, this rank's partition of it (param.ds_tensor) under ZeRO-3. Taken before the first step, they
+        are the values of a reference that runs the policy's own module (values_swapped_in)."""
+        if self.is_zero3:
+            for p in self._trainable():
+                if p.ds_tensor.final_location == "nvme":
+                    raise ValueError("reference.mode=live with model.trainable: the policy's parameters are offloaded "
+                                     "to nvme, which the reference inside the policy does not support; use "
+                                     "reference.mode=cache, or offload_param to cpu")
+            return [p.ds_tensor.detach().clone() for p in self._trainable()]
+        return [p.detach().clone() for p in self._trainable()]
+
+    @contextlib.contextmanager
+    def values_swapped_in(self, values: list[torch.Tensor]):
+        """The policy's module with its trainable parameters holding `values` (trainable_values' layout), for a
+        forward under no_grad; on leaving, every parameter holds its own tensor again (the same storage, so the
+        policy is bitwise what it was, and a pending backward sees its own forward's weights).
+
+        Under ZeRO-3 the swap is of the partitions a forward gathers from. Every gathered parameter is released
+        first (ZeRO-3 keeps some gathered for reuse, holding the policy's values) and again after (holding the
+        swapped ones); the persistent ones (ds_persist, kept gathered between steps) are then gathered back, and
+        hpZ's secondary partitions of the trainable ones dropped, so that the backward gathers from its own.
+        The forward is hidden from the policy's parameter coordinator: it would start a new step of its trace
+        in the middle of the policy's forward and backward, which then never matches and never prefetches."""
+        params = self._trainable()
+        assert len(values) == len(params), "values_swapped_in takes trainable_values' list"
+        if not self.is_zero3:
+            own = [p.data for p in params]
+            try:
+                for p, v in zip(params, values):
+                    p.data = v
+                yield self.module
+            finally:
+                for p, o in zip(params, own):
+                    p.data = o
+            return
+        offload = self.engine.optimizer.parameter_offload
+        persistent = [p for p in self.module.parameters() if p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE]
+        offload.partition_all_parameters()
+        coordinator = offload.get_param_coordinator()
+        trace = {name: getattr(coordinator, name) for name in _COORDINATOR_STEP}
+        own = [p.ds_tensor.data for p in params]
+        try:
+            # No step starts (the root module's pre-forward hook), nothing is traced or prefetched: each
+            # submodule gathers its parameters and releases them after.
+            coordinator.reset_step = lambda: None
+            setattr(coordinator, _COORDINATOR_STEP[0], ZeRoTraceMode.INVALID)
+            for p, v in zip(params, values):
+                p.ds_tensor.data, p.ds_secondary_tensor = v, None
+            yield self.module
+        finally:
+            offload.partition_all_parameters()
+            del coordinator.reset_step
+            for name, value in trace.items():
+                setattr(coordinator, name, value)
+            for p, o in zip(params, own):
+                p.ds_tensor.data, p.ds_secondary_tensor = o, None
+            if persistent:
+                persistent[0].all_gather(persistent)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, keep_last: int, rank_state: dict) -> None:
@@ -455,6 +530,25 @@ def build_reference(model: torch.nn.Module, policy_ds_config: dict, offload: str
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each storage once (views of one buffer count it once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if t.numel() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def module_held_bytes(model: torch.nn.Module) -> int:
+    """This rank's bytes of a module's parameters as DeepSpeed holds them: under ZeRO-3 its partitions
+    (param.ds_tensor) and the parameters gathered now (the persistent ones, after a forward), else the
+    parameters themselves."""
+    tensors = [p.data for p in model.parameters()]
+    return held_bytes(tensors + [p.ds_tensor for p in model.parameters() if getattr(p, "ds_tensor", None) is not None])
 
 
 def checkpoint_world_size(ckpt_dir: str, tag: str) -> int:

@@ -2,7 +2,10 @@
 
 `live`: a frozen copy of the initial denoiser in its own DeepSpeed engine
 (ZeRO-3, parameters offloaded to CPU between uses), run under no_grad on the
-very noisy inputs the policy sees.
+very noisy inputs the policy sees. When model.trainable freezes part of the
+policy, the frozen part is not held twice: the reference is the policy's own
+module with the trainable parameters' initial values swapped in for its
+forward (SharedReference; this rank's share of them only, under ZeRO-3).
 
 `cache`: the errors tools/precompute_ref.py computed once per (pair, draw), at
 the same draw training makes (docs/design.md §2, §5); the reference model is never
@@ -74,6 +77,11 @@ class References:
     val: "LiveReference | CachedReference | None"
     drift: "LiveReference | None"
 
+    def bind(self, policy: engine.Policy) -> None:
+        """Give a SharedReference its policy, built after the references and before any step or resume."""
+        for ref in {id(r): r for r in (self.train, self.val, self.drift) if isinstance(r, SharedReference)}.values():
+            ref.bind(policy)
+
 
 def for_training(cfg: RunConfig, family: Family, shards: list[ShardInfo], val_shards: list[ShardInfo] | None,
                  initial_policy: torch.nn.Module, policy_ds_config: dict, dtype: str) -> References:
@@ -84,7 +92,7 @@ def for_training(cfg: RunConfig, family: Family, shards: list[ShardInfo], val_sh
     if cfg.loss.type == "sft":
         return References(None, None, None)
     if cfg.reference.mode == "live":
-        live = LiveReference.build(cfg, family, initial_policy, policy_ds_config, torch_dtype)
+        live = live_reference(cfg, family, initial_policy, policy_ds_config, torch_dtype)
         return References(live, live if val_shards is not None else None, None)
     # The reference model is never built from a cache; only its weights are hashed, to check the cache.
     ref_hash = weights_hash_of_reference(cfg, family, initial_policy)
@@ -102,7 +110,7 @@ def for_training(cfg: RunConfig, family: Family, shards: list[ShardInfo], val_sh
     val = open_cache(cfg.reference.val_cache_dir, val_shards) if val_shards is not None else None
     drift = None
     if cfg.reference.drift_check_every:
-        drift = LiveReference.build(cfg, family, initial_policy, policy_ds_config, torch_dtype)
+        drift = live_reference(cfg, family, initial_policy, policy_ds_config, torch_dtype)
     elif engine.rank() == 0:
         log.info("reference: the reference model is not built (reference.mode=cache, no drift check)")
     return References(train, val, drift)
@@ -126,6 +134,18 @@ def weights_hash_of_reference(cfg: RunConfig, family: Family, initial_policy: to
     if cfg.reference.pretrained_path is not None:
         return folder_weights_hash(family, cfg.reference.pretrained_path)
     return weights_hash(initial_policy.state_dict())
+
+
+def live_reference(cfg: RunConfig, family: Family, initial_policy: torch.nn.Module, policy_ds_config: dict,
+                   dtype: torch.dtype) -> "LiveReference":
+    """The policy's own module with its initial trainable values when model.trainable freezes part of it (and
+    the reference is the policy's initial weights), else a full frozen copy in its own engine."""
+    if cfg.reference.pretrained_path is None and not all(p.requires_grad for p in initial_policy.parameters()):
+        if engine.rank() == 0:
+            log.info("reference: the policy's module with its initial trainable parameters (model.trainable); "
+                     "the frozen part is shared, not copied")
+        return SharedReference(family, dtype)
+    return LiveReference.build(cfg, family, initial_policy, policy_ds_config, dtype)
 
 
 class LiveReference:
@@ -159,6 +179,40 @@ class LiveReference:
         both = torch.cat([idx, idx + num_pairs])
         live_w, live_l = self.errors(sub, x_t[both], target[both], t[both])
         return torch.maximum((live_w - cached_w[idx]).abs().max(), (live_l - cached_l[idx]).abs().max())
+
+
+class SharedReference(LiveReference):
+    """The reference as the policy's own module, its trainable parameters holding their initial values for the
+    reference's forward: the frozen part is the policy's (it never changes), so only the trainable parameters'
+    initial values are held, this rank's share of them under ZeRO-3 (engine.Policy.trainable_values).
+    Built before the policy; References.bind hands it the policy before the first step."""
+
+    def __init__(self, family: Family, dtype: torch.dtype):
+        self.family, self.dtype = family, dtype
+        self.policy: engine.Policy | None = None
+        self.initial: list[torch.Tensor] = []
+
+    def bind(self, policy: engine.Policy) -> None:
+        assert self.policy is None, "a SharedReference takes its initial values once, before the first step"
+        self.policy, self.initial = policy, policy.trainable_values()
+
+    def held_bytes(self) -> int:
+        """This rank's bytes of what the reference holds beside the policy: the initial trainable values."""
+        return engine.held_bytes(self.initial)
+
+    @torch.no_grad()
+    def errors(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
+        """r_w, r_l: [B] float32 reference errors at the pair's shared draw, from the policy's module in eval
+        mode (as the full copy runs) with the initial values swapped in; the policy is left as it was."""
+        assert self.policy is not None, "References.bind(policy) must come before the first reference forward"
+        with self.policy.values_swapped_in(self.initial) as module:
+            modes = [m.training for m in module.modules()]
+            module.eval()
+            try:
+                return self.family.pair_errors(module, batch, x_t, target, t, self.dtype)
+            finally:
+                for m, mode in zip(module.modules(), modes):
+                    m.training = mode
 
 
 # ---------------------------------------------------------------- fingerprint

@@ -79,6 +79,7 @@ class Trainer:
             self.family.enable_gradient_checkpointing(denoiser)
         self.policy = engine.Policy(denoiser, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
                                     cfg.optim, cfg.train.max_steps)
+        refs.bind(self.policy)  # a reference inside the policy takes its initial values now, before any resume
 
         schema = self.family.sample_schema(self.denoiser_config)
         self.loader = PairLoader(
