@@ -126,3 +126,15 @@ def test_shared_reference_equals_a_full_copy_and_leaves_the_policy_bitwise(tiny,
     # ZeRO-3 records the policy's trace in its first step and follows it from then on: the reference's forward
     # in the middle of the policy's forward and backward does not break it.
     assert [c["is_trace_complete"] for c in checks] == [False] + [stage == 3] * 3
+
+
+def test_the_shared_reference_holds_the_trainable_share_of_a_full_copy():
+    """tools/reference_memory.py, the README's figure: for `motion`'s motion modules under ZeRO-3 (one rank),
+    the shared reference holds the trainable parameters' share of what the full copy holds, and no more."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "reference_memory.py")], cwd=REPO,
+                          env=env() | {"MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["family"] == "motion" and 0.2 < result["trainable_share"] < 0.5
+    assert result["full_copy_bytes"] == 4 * result["num_params"]  # fp32, one rank: the whole model once
+    assert result["ratio"] == pytest.approx(result["trainable_share"], rel=0.01)
