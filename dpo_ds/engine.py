@@ -1,8 +1,9 @@
 """Everything DeepSpeed: process group, engines, backward/step, checkpoint I/O, collectives.
 
 This is the only module that imports deepspeed. The trainer sees a `Policy`
-(trainable, ZeRO-2/3), a frozen reference engine (ZeRO-3 inference, parameters
-offloaded), and a handful of collective helpers.
+(trainable, ZeRO-2/3; its trainable values can be swapped for a reference's
+forward), a frozen reference engine (ZeRO-3 inference, parameters offloaded),
+and a handful of collective helpers.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def observe_shared(trainer, ref, batch, x_t, target, t):
     with torch.no_grad(), policy.values_swapped_in(policy.trainable_values()) as module:
         policy_w, _ = family.pair_errors(module, batch, x_t, target, t, torch.float32)
     checks.append({
-        "changed": [n for n in before if not (torch.equal(before[n][0], after[n][0]) and before[n][1:] == after[n][1:])],
+        "changed": [n for n in before
+                    if not (torch.equal(before[n][0], after[n][0]) and before[n][1:] == after[n][1:])],
         # whether ZeRO-3 follows the policy's recorded trace (and prefetches along it)
         "is_trace_complete": policy.is_zero3 and
                              policy.engine.optimizer.parameter_offload.get_param_coordinator().is_complete_trace(),
