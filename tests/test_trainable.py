@@ -1,7 +1,7 @@
 """model.trainable: a subset of the denoiser's parameters trains, the rest is frozen. In-process: the patterns'
 matching and their errors; through the real `deepspeed` launcher (2 CPU processes, ZeRO-3): the optimizer
-holds state for the trainable parameters only, those move, every frozen one is bitwise unchanged, and the
-export and the checkpoint still hold the whole model."""
+holds state for the trainable parameters only, those move, every frozen one is bitwise unchanged, the export
+and the checkpoint still hold the whole model, and the live reference runs inside the policy."""
 
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ def test_only_the_trainable_parameters_train_have_optimizer_state_and_move(tiny,
                            "trainable": TRAINABLE}, train={"max_steps": 2}, checkpoint={"every_steps": 2})
     proc = deepspeed_train(cfg)
     assert proc.returncode == 0, proc.stderr[-6000:]
+    # The live reference ran inside the policy, on each rank's partitions of the initial trainable values
+    # (tests/test_reference_memory.py checks it against a full copy).
+    assert "the frozen part is shared, not copied" in proc.stderr
     initial = load_file(str(tiny / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     unet = _tiny_unet()
     models.select_trainable(unet, TRAINABLE)
