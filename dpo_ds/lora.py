@@ -109,9 +109,10 @@ def load(denoiser: torch.nn.Module, path: str, prefix: str) -> torch.nn.Module:
 
     with safetensors.safe_open(path, framework="pt") as f:
         state = {k.removeprefix(prefix + "."): f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
-        metadata = json.loads(f.metadata()["lora_adapter_metadata"])[prefix] if "lora_adapter_metadata" in \
-            (f.metadata() or {}) else None
-    assert metadata is not None, f"{path} holds no lora_adapter_metadata (written by dpo_ds.lora.save)"
+        # diffusers flattens each component's LoraConfig into "<prefix>.<field>" keys
+        metadata = {k.removeprefix(prefix + "."): v for k, v in
+                    json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}")).items()}
+    assert metadata, f"{path} holds no lora_adapter_metadata (written by dpo_ds.lora.save)"
     config = PeftLoraConfig(**{k: v for k, v in metadata.items() if k in ("r", "lora_alpha", "target_modules",
                                                                            "lora_dropout")})
     inject_adapter_in_model(config, denoiser, adapter_name=ADAPTER)
