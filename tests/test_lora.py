@@ -18,6 +18,7 @@ import torch
 
 from conftest import REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
 from dpo_ds import lora
+from test_tools_export_sample_score import load_tool
 from dpo_ds.config import LoraConfig, load_config
 from dpo_ds.models import FAMILIES
 
@@ -86,9 +87,9 @@ def _probe(tmp_path: Path, ds_config: str, configs: list[Path]) -> list[dict]:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
-def _synthetic(out: Path, family: str) -> Path:
+def _synthetic(out: Path, family: str, pairs_per_shard: int = 4) -> Path:
     subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out), "--family", family,
-                    "--num-pairs", "4", "--pairs-per-shard", "4", "--resolution", "64", "--seed", "0"],
+                    "--num-pairs", "4", "--pairs-per-shard", str(pairs_per_shard), "--resolution", "64", "--seed", "0"],
                    check=True, env=env(), capture_output=True)
     return out
 
@@ -109,3 +110,115 @@ def test_video_families_train_adapters_against_the_base_and_export(tmp_path):
         assert result["base_changed"] == [] and result["adapters_unmoved"] == [], family
         assert result["num_optimized"] == result["num_adapter_params"] > 0, family
         assert result["sum_abs_b"] > 0 and result["export_mismatch"] == [], family
+
+
+def _adapters_in_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """The module weights of a checkpoint (rank 0's model-states file: ZeRO-2's mp_rank_00_, ZeRO-3's
+    zero_pp_rank_0_mp_rank_00_)."""
+    (path,) = [f for f in folder.glob("*model_states.pt") if "zero_pp_rank_" not in f.name or "rank_0_" in f.name]
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def _first_step(run: Path) -> tuple[float, float]:
+    scalars = read_scalars(run / "tensorboard")
+    return dict(scalars["train/loss"])[1], dict(scalars["train/implicit_acc"])[1]
+
+
+def _load_changes_samples(family_name: str, base: Path, lora_dir: Path) -> None:
+    """The family's pipeline on the tiny base samples otherwise once `load_lora_weights` loaded the export."""
+    from diffusers import DDIMScheduler
+
+    family = FAMILIES[family_name]
+    unet = family.denoiser_from_folder(str(base / "unet"), torch.float32)
+    pipe = family.pipeline(str(base), unet, DDIMScheduler.from_config(family.SCHEDULER_CONFIG), torch.float32)
+
+    def sample():
+        return pipe("a red square", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    before = sample()
+    pipe.load_lora_weights(str(lora_dir))
+    assert any(".lora_A." in n for n, _ in pipe.unet.named_parameters())
+    after = sample()
+    assert not torch.equal(before, after), f"{family_name}: the LoRA export did not change the samples"
+
+
+def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a (nested) checkpoint object, by path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+@pytest.mark.slow
+def test_sdxl_lora_on_zero3_checkpoints_adapters_only_resumes_bitwise_and_exports(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+    from tiny_sdxl import build_tiny_sdxl
+
+    base = build_tiny_sdxl(tmp_path / "base")  # the tiny fixture's UNet (make_synthetic, seed 0) and its components
+    sections = dict(model={"pretrained_path": str(base), "lora": LORA}, reference={"mode": "adapters_off"},
+                    optim={"lr": 1e-3}, train={"max_steps": 2}, checkpoint={"every_steps": 1, "keep_last": 2})
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", **sections)
+    proc = deepspeed_train(cfg)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    loss, acc = _first_step(tmp_path / "run")
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and acc == 0.5
+
+    # The checkpoint: the adapters, their Adam state and what resume needs; no base weight.
+    ckpt = tmp_path / "run" / "checkpoints"
+    step2 = ckpt / "step_00000002"
+    module = _adapters_in_checkpoint(step2)
+    assert module and all(lora.is_adapter(n) for n in module)
+    base_bytes = (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert sum(f.stat().st_size for f in step2.iterdir()) < base_bytes / 2
+
+    # Resume from step 1 in another folder: step 2's checkpoint is the same, bit for bit: adapters, Adam's state,
+    # the schedule, the counters. Not the global torch RNG it records: the loader's iterator draws its base seed
+    # from it once at the start of fit(), before step 1 in one run and after the restore in the other.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ckpt / "step_00000001", resumed / "checkpoints" / "step_00000001")
+    (resumed / "checkpoints" / "latest").write_text("step_00000001")
+    cfg_resumed = write_run_config(tmp_path / "resumed.yaml", tiny, resumed, **sections)
+    proc = deepspeed_train(cfg_resumed, "--checkpoint.resume=auto", "--checkpoint.export=false")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for f in sorted(step2.glob("*.pt")):
+        a = _tensors(torch.load(f, map_location="cpu", weights_only=False))
+        b = _tensors(torch.load(resumed / "checkpoints" / "step_00000002" / f.name, map_location="cpu",
+                                weights_only=False))
+        assert a.keys() == b.keys() and [k for k in a if k != "/rng/torch" and not torch.equal(a[k], b[k])] == []
+
+    _load_changes_samples("sdxl", base, tmp_path / "run" / "export" / "lora")
+
+    # --merge: the full UNet; every weight the adapters do not touch is the base's, bit for bit.
+    merged_dir = tmp_path / "merged"
+    assert load_tool("export").main(["--run", str(tmp_path / "run"), "--merge", "--out", str(merged_dir)]) == 0
+    merged, initial = load_file(str(merged_dir / "diffusion_pytorch_model.safetensors")), load_file(
+        str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    adapted = {n.split(".lora_")[0] + ".weight" for n in module}
+    assert merged.keys() == initial.keys()
+    assert [n for n in initial if (n in adapted) == torch.equal(merged[n], initial[n])] == []
+
+
+@pytest.mark.slow
+def test_sd15_lora_on_zero2_trains_adapters_only_and_exports(tmp_path):
+    from tiny_sdxl import build_tiny_sd15
+
+    data = _synthetic(tmp_path / "data", "sd15", pairs_per_shard=2)  # a shard per rank
+    base = build_tiny_sd15(tmp_path / "base")  # make_synthetic's sd15 UNet (seed 0) and its components
+    cfg = write_run_config(tmp_path / "run.yaml", data, tmp_path / "run",
+                           model={"pretrained_path": str(base), "family": "sd15", "lora": LORA},
+                           reference={"mode": "adapters_off"}, optim={"lr": 1e-3}, train={"max_steps": 2,
+                           "micro_batch_size": 1}, checkpoint={"every_steps": 100})
+    proc = deepspeed_train(cfg, ds_config="ds_configs/zero2.json")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    loss, acc = _first_step(tmp_path / "run")
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and acc == 0.5
+    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    module = _adapters_in_checkpoint(tmp_path / "run" / "checkpoints" / tag)
+    assert module and all(lora.is_adapter(n) for n in module)
+    exported = load_tool("export").export(str(tmp_path / "run"), "latest", None, "fp32")  # from the checkpoint
+    _load_changes_samples("sd15", base, Path(exported))
+    _load_changes_samples("sd15", base, tmp_path / "run" / "export" / "lora")
