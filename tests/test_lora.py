@@ -1,7 +1,7 @@
 """LoRA (model.lora) with the reference for free (reference.mode=adapters_off). In-process: the per-family
 default targets, the settings' errors, adapters_off giving the base model exactly. One process per run list
 (tests/lora_probe.py): every video family trains its adapters, the base bitwise unchanged, the first step's
-loss ln 2, the export loads back. Through the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and
+loss ln 2, the export loads back; a reference cache computed from the base model serves a LoRA run. Through the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and
 SD 1.5 on ZeRO-2, checkpoints of the adapters only, resume bitwise, the export loaded with the pipeline's
 `load_lora_weights` changes what it samples, and tools/export.py --merge writes the full model."""
 
@@ -96,15 +96,23 @@ def _synthetic(out: Path, family: str, pairs_per_shard: int = 4) -> Path:
 
 @pytest.mark.slow
 def test_video_families_train_adapters_against_the_base_and_export(tmp_path):
-    configs = []
-    for family in VIDEO_FAMILIES:
-        data = _synthetic(tmp_path / family, family)
-        configs.append(write_run_config(
-            tmp_path / f"{family}.yaml", data, tmp_path / f"{family}-run",
-            model={"pretrained_path": str(data / "model"), "family": family, "lora": LORA},
-            reference={"mode": "adapters_off"}, data={"num_workers": 0}, optim={"lr": 1e-3},
-            train={"max_steps": 2}, checkpoint={"every_steps": 100}))
-    for family, result in zip(VIDEO_FAMILIES, _probe(tmp_path, "zero2.json", configs)):
+    def sections(family: str) -> dict:
+        return dict(model={"pretrained_path": str(tmp_path / family / "model"), "family": family, "lora": LORA},
+                    reference={"mode": "adapters_off"}, data={"num_workers": 0}, optim={"lr": 1e-3},
+                    train={"max_steps": 2}, checkpoint={"every_steps": 100})
+
+    configs = [write_run_config(tmp_path / f"{family}.yaml", _synthetic(tmp_path / family, family),
+                                tmp_path / f"{family}-run", **sections(family)) for family in VIDEO_FAMILIES]
+    # The reference cache with LoRA: computed from the base model alone, it fits the LoRA run's fingerprint.
+    cached = write_run_config(tmp_path / "cached.yaml", tmp_path / "unet3d", tmp_path / "cached-run",
+                              **{**sections("unet3d"), "reference": {"mode": "cache", "cache_dir": str(tmp_path / "rc")}})
+    precompute = subprocess.run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--config", str(cached),
+                                 "--num-draws", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                                env=env() | {"MASTER_PORT": str(free_port())}, timeout=300)
+    assert precompute.returncode == 0, precompute.stderr[-4000:]
+    *results, from_cache = _probe(tmp_path, "zero2.json", configs + [cached])
+    assert from_cache["first"]["loss"] == pytest.approx(math.log(2), abs=1e-5) and from_cache["base_changed"] == []
+    for family, result in zip(VIDEO_FAMILIES, results):
         assert result["first"]["loss"] == pytest.approx(math.log(2), abs=1e-6), family
         assert result["first"]["implicit_acc"] == 0.5, family
         assert result["base_changed"] == [] and result["adapters_unmoved"] == [], family
