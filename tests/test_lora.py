@@ -1,8 +1,8 @@
 """LoRA (model.lora) with the reference for free (reference.mode=adapters_off). In-process: the per-family
 default targets, the settings' errors, adapters_off giving the base model exactly. One process per run list
 (tests/lora_probe.py): every video family trains its adapters, the base bitwise unchanged, the first step's
-loss ln 2, the export loads back; a reference cache computed from the base model serves a LoRA run. Through the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and
-SD 1.5 on ZeRO-2, checkpoints of the adapters only, resume bitwise, the export loaded with the pipeline's
+loss ln 2, the export loads back; a reference cache computed from the base model serves a LoRA run. Through
+the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and SD 1.5 on ZeRO-2, checkpoints of the adapters only, resume bitwise, the export loaded with the pipeline's
 `load_lora_weights` changes what it samples, and tools/export.py --merge writes the full model."""
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def test_video_families_train_adapters_against_the_base_and_export(tmp_path):
     configs = [write_run_config(tmp_path / f"{family}.yaml", _synthetic(tmp_path / family, family),
                                 tmp_path / f"{family}-run", **sections(family)) for family in VIDEO_FAMILIES]
     # The reference cache with LoRA: computed from the base model alone, it fits the LoRA run's fingerprint.
+    cache = {"mode": "cache", "cache_dir": str(tmp_path / "rc")}
     cached = write_run_config(tmp_path / "cached.yaml", tmp_path / "unet3d", tmp_path / "cached-run",
-                              **{**sections("unet3d"), "reference": {"mode": "cache", "cache_dir": str(tmp_path / "rc")}})
+                              **{**sections("unet3d"), "reference": cache})
     precompute = subprocess.run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--config", str(cached),
                                  "--num-draws", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True,
                                 env=env() | {"MASTER_PORT": str(free_port())}, timeout=300)
