@@ -2,8 +2,9 @@
 default targets, the settings' errors, adapters_off giving the base model exactly. One process per run list
 (tests/lora_probe.py): every video family trains its adapters, the base bitwise unchanged, the first step's
 loss ln 2, the export loads back; a reference cache computed from the base model serves a LoRA run. Through
-the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and SD 1.5 on ZeRO-2, checkpoints of the adapters only, resume bitwise, the export loaded with the pipeline's
-`load_lora_weights` changes what it samples, and tools/export.py --merge writes the full model."""
+the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and SD 1.5 on ZeRO-2, checkpoints of the
+adapters only, resume bitwise, the export loaded with the pipeline's `load_lora_weights` changes what it
+samples, and tools/export.py --merge writes the full model."""
 
 from __future__ import annotations
 
