@@ -26,6 +26,25 @@ FLOW_SETTINGS = ("flow_shift", "sigma_density", "logit_mean", "logit_std")  # Mo
 EDM_SETTINGS = ("edm_p_mean", "edm_p_std")  # ModelConfig's, for EDM families (svd) only
 
 
+class LoraConfig(_Section):
+    """LoRA adapters on the denoiser (peft): the base weights are frozen, never in the optimizer, and only
+    the adapters train, checkpoint and export (README, LoRA)."""
+    rank: int = Field(16, ge=1)
+    """r: the rank of each adapter's update B·A."""
+    alpha: float | None = Field(None, gt=0)
+    """The update is scaled by alpha / rank; null: alpha = rank (a scale of 1)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on each adapter's input while training."""
+    targets: list[str] | None = None
+    """The modules that get an adapter: shell-style patterns (fnmatch, `*` crosses dots) on the names of the
+    denoiser's Linear and Conv2d modules, e.g. `["*.attn2.to_k", "*.attn2.to_v"]`. null: the family's
+    default (its attention projections, to_q/to_k/to_v/to_out.0; `motion`: those of its motion modules).
+    A pattern that matches no such module is an error at start."""
+    init: Literal["default", "gaussian"] = "default"
+    """How A is drawn (B is zero either way, so the first step's policy is the base model): `default`,
+    peft's Kaiming-uniform; `gaussian`, N(0, 1/rank)."""
+
+
 class ModelConfig(_Section):
     family: str = "sdxl"
     """Model family (dpo_ds/models/): the denoiser class, its conditioning, latent layout, forward process
@@ -52,6 +71,9 @@ class ModelConfig(_Section):
     no optimizer state, unchanged by training; checkpoints and exports still hold the whole model. null:
     the family's default, every parameter except for `motion` (its motion modules, `*motion_modules.*`);
     `["*"]` trains all. A pattern that matches no parameter is an error at start."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of the denoiser's weights (`model.lora.rank=16`, ...; null: a full fine-tune,
+    or the `trainable` subset). Pairs with reference.mode=adapters_off, the reference for free."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of the policy: less memory, ~30% more compute."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -79,6 +101,9 @@ class ModelConfig(_Section):
         if (self.pretrained_path is None) == (self.denoiser_config is None):
             raise ValueError("set exactly one of model.pretrained_path (a diffusers folder) or "
                              "model.denoiser_config (a config.json)")
+        if self.lora is not None and self.trainable is not None:
+            raise ValueError("model.trainable and model.lora exclude each other: with LoRA every base weight is "
+                             "frozen and only the adapters train (choose them with model.lora.targets)")
         if self.denoiser_config is not None and self.scheduler_config is None:
             raise ValueError("model.denoiser_config needs model.scheduler_config (a scheduler_config.json)")
         return self
@@ -205,9 +230,11 @@ class OptimConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    mode: Literal["live", "cache"] = "live"
+    mode: Literal["live", "cache", "adapters_off"] = "live"
     """Where reference errors come from: `live` runs the frozen reference model each step; `cache` reads
-    them from reference.cache_dir (written by tools/precompute_ref.py) and never builds the reference."""
+    them from reference.cache_dir (written by tools/precompute_ref.py) and never builds the reference;
+    `adapters_off` (with model.lora) runs the policy itself with its LoRA adapters disabled, under no_grad in
+    the same micro-step: the base model is the reference, and no second model is built."""
     cache_dir: str | None = None
     """Reference cache directory: read by training with mode=cache, written by tools/precompute_ref.py."""
     val_cache_dir: str | None = None
@@ -289,6 +316,12 @@ class RunConfig(_Section):
     def _cross_section(self) -> "RunConfig":
         if self.data.val_every and not self.data.val_shards:
             raise ValueError("data.val_every needs data.val_shards (held-out shards)")
+        if self.reference.mode == "adapters_off" and self.model.lora is None:
+            raise ValueError("reference.mode=adapters_off needs model.lora (it disables the LoRA adapters to get "
+                             "the base model); set model.lora.rank, or use reference.mode=live")
+        if self.reference.mode == "adapters_off" and self.reference.pretrained_path is not None:
+            raise ValueError("reference.mode=adapters_off uses the policy's base weights as the reference; "
+                             "reference.pretrained_path needs reference.mode=live or cache")
         if self.data.val_every and self.reference.mode == "cache" and self.loss.type != "sft" \
                 and not self.reference.val_cache_dir:
             raise ValueError("validation with reference.mode=cache needs reference.val_cache_dir "

@@ -318,7 +318,11 @@ def _client_optimizer(params, cfg: OptimConfig, lr: float, offload: bool) -> tor
 class Policy:
     """The trainable denoiser inside a DeepSpeed engine (ZeRO stage from the DeepSpeed JSON)."""
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict, optim: OptimConfig, max_steps: int):
+    def __init__(self, model: torch.nn.Module, ds_config: dict, optim: OptimConfig, max_steps: int,
+                 is_adapters_only: bool = False):
+        """is_adapters_only (LoRA): checkpoints leave out the frozen parameters (the base model, which a resume
+        rebuilds from model.pretrained_path), so they hold the adapters, their optimizer state and the rest."""
+        self.is_adapters_only = is_adapters_only
         zero = ds_config.get("zero_optimization", {})
         is_offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
         if optim.name == "adafactor":
@@ -464,7 +468,8 @@ class Policy:
         because a resume on another world size must read every old rank's.
         """
         client_state = {**client_state, "rng": _rng_state()}
-        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False,
+                                    exclude_frozen_parameters=self.is_adapters_only)
         Path(ckpt_dir, tag, f"rank_state_{rank():05d}.json").write_text(json.dumps(rank_state))
         barrier()
         if rank() == 0:
@@ -486,7 +491,8 @@ class Policy:
         """
         num_saved_ranks = checkpoint_world_size(ckpt_dir, tag)
         if num_saved_ranks == world_size():
-            load_path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+            load_path, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag,
+                                                                  load_module_strict=not self.is_adapters_only)
         else:
             if not self.engine.load_universal_checkpoint():
                 raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} was written by {num_saved_ranks} processes: build "
@@ -497,20 +503,24 @@ class Policy:
                          "DeepSpeed's universal format in %s", ckpt_dir, tag, num_saved_ranks, world_size(), universal)
                 _to_universal(Path(ckpt_dir, tag), universal)
             barrier()
-            load_path, client_state = self.engine.load_checkpoint(str(Path(ckpt_dir, tag)), tag=UNIVERSAL)
+            load_path, client_state = self.engine.load_checkpoint(str(Path(ckpt_dir, tag)), tag=UNIVERSAL,
+                                                                  load_module_strict=not self.is_adapters_only)
         if load_path is None:
             raise ValueError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
         _set_rng_state(client_state.pop("rng"))
         return client_state
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on rank 0's CPU (empty elsewhere), gathered one tensor at a time."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0's CPU (empty elsewhere), gathered one tensor at a time;
+        trainable_only: the trained parameters alone (LoRA's adapters), no buffers."""
         out: dict[str, torch.Tensor] = {}
         for name, p in self.module.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if rank() == 0:
                     out[name] = p.detach().to("cpu", copy=True)
-        if rank() == 0:
+        if rank() == 0 and not trainable_only:
             out.update({name: b.detach().to("cpu", copy=True) for name, b in self.module.named_buffers()})
         return out
 

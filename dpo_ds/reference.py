@@ -55,7 +55,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from dpo_ds import engine
+from dpo_ds import engine, lora
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PromptDropout, ShardInfo, prompt_dropout
 from dpo_ds.dtypes import DTYPES
@@ -73,8 +73,8 @@ FILE_SUFFIX = ".ref.safetensors"
 class References:
     """Where a training run's reference errors come from: its training pairs', its held-out pairs' (None
     without validation), and a live reference beside a cache for the drift check (None without one)."""
-    train: "LiveReference | CachedReference | None"
-    val: "LiveReference | CachedReference | None"
+    train: "LiveReference | CachedReference | AdaptersOffReference | None"
+    val: "LiveReference | CachedReference | AdaptersOffReference | None"
     drift: "LiveReference | None"
 
     def bind(self, policy: engine.Policy) -> None:
@@ -85,12 +85,16 @@ class References:
 
 def for_training(cfg: RunConfig, family: Family, shards: list[ShardInfo], val_shards: list[ShardInfo] | None,
                  initial_policy: torch.nn.Module, policy_ds_config: dict, dtype: str) -> References:
-    """The one place a run's references are decided: none for the plain diffusion objective; with
+    """The one place a run's references are decided: none for the plain diffusion objective; the policy with
+    its adapters off for reference.mode=adapters_off (bound to the policy by the trainer); with
     reference.mode=cache, the verified caches of data.shards and data.val_shards (the reference model
     built only for a drift check); else the live frozen reference, for both."""
     torch_dtype = DTYPES[dtype]
     if cfg.loss.type == "sft":
         return References(None, None, None)
+    if cfg.reference.mode == "adapters_off":
+        base = AdaptersOffReference(family, torch_dtype)
+        return References(base, base if val_shards is not None else None, None)
     if cfg.reference.mode == "live":
         live = live_reference(cfg, family, initial_policy, policy_ds_config, torch_dtype)
         return References(live, live if val_shards is not None else None, None)
@@ -213,6 +217,21 @@ class SharedReference(LiveReference):
             finally:
                 for m, mode in zip(module.modules(), modes):
                     m.training = mode
+
+
+class AdaptersOffReference:
+    """reference.mode=adapters_off: the policy itself with its LoRA adapters switched off, under no_grad, in
+    the same micro-step: one more forward of the same engine (through ZeRO-3's gathering hooks, as any
+    forward), no second model. The trainer binds `policy` once its engine exists."""
+
+    def __init__(self, family: Family, dtype: torch.dtype):
+        self.family, self.dtype, self.policy = family, dtype, None
+
+    @torch.no_grad()
+    def errors(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, t: torch.Tensor):
+        """r_w, r_l: [B] float32 errors of the base model at the pair's shared draw."""
+        with lora.adapters_off(self.policy.module):
+            return self.family.pair_errors(self.policy, batch, x_t, target, t, self.dtype)
 
 
 # ---------------------------------------------------------------- fingerprint

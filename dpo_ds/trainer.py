@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_ds import engine, models, perf, reference
+from dpo_ds import engine, lora, models, perf, reference
 from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards, prompt_dropout
 from dpo_ds.dtypes import DTYPES
@@ -65,7 +65,8 @@ class Trainer:
         denoiser = self.family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
         self.family.set_attention(denoiser, cfg.model.attention)
         self.trainable = cfg.model.trainable if cfg.model.trainable is not None else family.DEFAULT_TRAINABLE
-        models.select_trainable(denoiser, self.trainable)
+        if cfg.model.lora is None:
+            models.select_trainable(denoiser, self.trainable)
         self.denoiser_config = dict(denoiser.config)
         self.is_sft = cfg.loss.type == "sft"
         self.has_cache = cfg.reference.mode == "cache" and not self.is_sft
@@ -75,11 +76,21 @@ class Trainer:
         val_shards = list_shards(cfg.data.val_shards) if cfg.data.val_every else None
         refs = reference.for_training(cfg, family, shards, val_shards, denoiser, ds_config, dtype)
         self.reference, self.val_reference, self.drift_reference = refs.train, refs.val, refs.drift
+        # After the references: a live one copies, and a cache's fingerprint hashes, the base model.
+        if cfg.model.lora is not None:
+            targets = cfg.model.lora.targets if cfg.model.lora.targets is not None else family.LORA_TARGETS
+            num_adapted = lora.add_adapters(denoiser, cfg.model.lora, family.LORA_TARGETS)
+            # FLOPs counted as if the adapted modules' weights trained: the low-rank adapters' own are few.
+            self.trainable = [pattern + ".*" for pattern in targets]
+            if engine.rank() == 0:
+                log.info("LoRA: rank %d adapters on %d modules, base weights frozen", cfg.model.lora.rank, num_adapted)
         if cfg.model.gradient_checkpointing:
             self.family.enable_gradient_checkpointing(denoiser)
         self.policy = engine.Policy(denoiser, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
-                                    cfg.optim, cfg.train.max_steps)
+                                    cfg.optim, cfg.train.max_steps, is_adapters_only=cfg.model.lora is not None)
         refs.bind(self.policy)  # a reference inside the policy takes its initial values now, before any resume
+        if isinstance(self.reference, reference.AdaptersOffReference):
+            self.reference.policy = self.policy  # its val_reference is the same object
 
         schema = self.family.sample_schema(self.denoiser_config)
         self.loader = PairLoader(
@@ -325,7 +336,15 @@ class Trainer:
                      self.state.step, self.loader.epoch_index, self.loader.batch_in_epoch)
 
     def export(self) -> Path:
-        """The trained denoiser as a diffusers folder under output_dir/export/."""
+        """The trained denoiser as a diffusers folder under output_dir/export/; with LoRA, the adapters in
+        diffusers' LoRA format under output_dir/export/lora/ (tools/export.py --merge writes a full model)."""
+        if self.cfg.model.lora is not None:
+            adapters = lora.adapter_weights(self.policy.full_state_dict(trainable_only=True))
+            out = self.out / "export" / "lora"
+            if engine.rank() == 0:
+                log.info("exported %s", lora.save(self.family, adapters, self.cfg.model.lora, str(out)))
+            engine.barrier()
+            return out
         state_dict = self.policy.full_state_dict()
         out = self.out / "export" / self.family.DENOISER_SUBFOLDER
         if engine.rank() == 0:

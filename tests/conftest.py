@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 # collection order): the longest modules go first, so that neither worker is left with one of them
 # at the end while the other sits idle.
 LONGEST_FIRST = ("test_alignment.py", "test_video_alignment.py", "test_e2e.py", "test_buckets.py",
-                 "test_world_size_resume.py", "test_families.py", "test_launchers.py", "test_faults.py",
+                 "test_world_size_resume.py", "test_families.py", "test_lora.py", "test_launchers.py", "test_faults.py",
                  "test_reference_cache.py")
 
 

@@ -11,8 +11,14 @@ merges the shards into full fp32 weights in this one process, and writes:
 OUT defaults to OUTPUT_DIR/export/<tag>/unet, so that it never overwrites the run's own export/unet.
 Load it with `UNet2DConditionModel.from_pretrained(OUT)`, or pass it to tools/sample.py --unet.
 
+A LoRA run (model.lora) checkpoints its adapters only: they are written in diffusers' LoRA format,
+OUT/pytorch_lora_weights.safetensors (OUT defaults to OUTPUT_DIR/export/<tag>/lora), which the family's
+pipeline loads with `pipe.load_lora_weights(OUT)`; with --merge, the base model is rebuilt from
+model.pretrained_path (or model.denoiser_config and seed), the adapters merged in, and the full folder
+above written.
+
   python tools/export.py --run OUTPUT_DIR [--tag latest|step_00001000] [--dtype fp32|bf16] [--out DIR]
-      [--section.key=value ...]   (overrides of the run's config, e.g. --model.pretrained_path=/new/place)
+      [--merge] [--section.key=value ...]   (overrides of the run's config, e.g. --model.pretrained_path=/new/place)
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import json
 import os
 import sys
 
-from dpo_ds import engine, models
+import torch
+
+from dpo_ds import engine, lora, models
 from dpo_ds.config import RunConfig, load_config
 from dpo_ds.dtypes import DTYPES
 
@@ -42,8 +50,26 @@ def denoiser_config(cfg: RunConfig, config_path: str) -> dict:
         return json.load(f)
 
 
+def export_lora(cfg: RunConfig, spec, config: dict, state_dict: dict, out: str, dtype: str, merge: bool) -> str:
+    """A LoRA run's checkpoint (its adapters: the base is not in it): the adapters in diffusers' LoRA format,
+    or with `merge` the base model (rebuilt as the run built it) with the adapters merged in, a full folder."""
+    adapters = {name: t.to(DTYPES[dtype]) for name, t in lora.adapter_weights(state_dict).items()}
+    if not merge:
+        path = lora.save(spec, adapters, cfg.model.lora, out)
+        print(f"exported the LoRA adapters of {len(adapters) // 2} modules ({dtype}) -> {path}")
+        return out
+    torch.manual_seed(cfg.seed)  # a from-config base is drawn as the trainer drew it
+    denoiser = spec.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
+    lora.add_adapters(denoiser, cfg.model.lora, spec.LORA_TARGETS)
+    result = denoiser.load_state_dict({n: t for n, t in state_dict.items() if lora.is_adapter(n)}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    spec.export(lora.merged(denoiser), config, out, DTYPES[dtype])
+    print(f"exported the base model with the LoRA adapters merged ({dtype}) -> {out}")
+    return out
+
+
 def export(run_dir: str, tag: str, out: str | None, dtype: str, config_path: str | None = None,
-           overrides: list[str] | None = None) -> str:
+           overrides: list[str] | None = None, merge: bool = False) -> str:
     """Write checkpoint `tag` of the run in `run_dir` as a diffusers folder; returns the folder."""
     config_path = config_path or os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
@@ -57,9 +83,11 @@ def export(run_dir: str, tag: str, out: str | None, dtype: str, config_path: str
         tag = engine.complete_tag(ckpt_dir, tag)
     except ValueError as e:
         raise ValueError(f"--tag: {e}") from None
-    out = out or os.path.join(run_dir, "export", tag, spec.DENOISER_SUBFOLDER)
-
     state_dict = engine.consolidated_state_dict(ckpt_dir, tag)
+    if cfg.model.lora is not None:
+        return export_lora(cfg, spec, config, state_dict, out or os.path.join(run_dir, "export", tag, "lora"),
+                           dtype, merge)
+    out = out or os.path.join(run_dir, "export", tag, spec.DENOISER_SUBFOLDER)
     try:
         spec.export(state_dict, config, out, DTYPES[dtype])
     except RuntimeError as e:  # load_state_dict(strict=True): the checkpoint is of another model
@@ -78,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32", help="precision of the written weights")
     p.add_argument("--out", help="output folder; default OUTPUT_DIR/export/<tag>/unet")
     p.add_argument("--config", help="the run's config; default OUTPUT_DIR/config.yaml")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: merge the adapters into the base model and "
+                   "write a full model folder (default: the adapters alone, in diffusers' LoRA format)")
     args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        export(args.run, args.tag, args.out, args.dtype, args.config, overrides)
+        export(args.run, args.tag, args.out, args.dtype, args.config, overrides, args.merge)
     except ValueError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,10 @@ class Family(ABC):
     SCHEDULER_CONFIG: ClassVar[dict]      # the family's training scheduler (a diffusers scheduler config)
     # model.trainable's default: parameter-name patterns (dpo_ds.models.select_trainable); None: all train
     DEFAULT_TRAINABLE: ClassVar[tuple[str, ...] | None] = None
+    # model.lora.targets' default: module-name patterns (dpo_ds.lora.target_modules): the attention projections
+    LORA_TARGETS: ClassVar[tuple[str, ...]] = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
+    # The diffusers pipeline class whose save_lora_weights writes the adapters, and its layers argument
+    LORA_SAVER: ClassVar[tuple[str, str]] = ("StableDiffusionPipeline", "unet_lora_layers")
 
     @classmethod
     @abstractmethod

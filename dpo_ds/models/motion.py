@@ -28,6 +28,8 @@ class Motion(DDPMUNet2D):
     PROMPT_TENSORS = ("prompt_embeds",)
     BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
     DEFAULT_TRAINABLE = ("*motion_modules.*",)  # the motion modules of every down, mid and up block
+    LORA_TARGETS = tuple(f"*motion_modules.*.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0"))
+    LORA_SAVER = ("AnimateDiffPipeline", "unet_lora_layers")
 
     # AnimateDiff's layout (motion modules in every block and the mid block) at toy width, for tests and toy
     # runs; nothing is downloaded.

@@ -22,6 +22,7 @@ class SDXL(DDPMUNet2D):
     NAME = "sdxl"
     PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
     BASE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    LORA_SAVER = ("StableDiffusionXLPipeline", "unet_lora_layers")
 
     # A UNet with SDXL's conditioning interface (text_time added embedding, two
     # text-embedding streams), small enough to train on a laptop CPU. Tests and

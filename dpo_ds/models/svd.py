@@ -70,6 +70,8 @@ class SVD(Family):
     PROMPT_TENSORS = ("image_embeds",)
     DRAWS_EDM = True  # reads model.edm_p_mean, edm_p_std (dpo_ds.config)
     BASE_PARTS = ("vae", "image_encoder", "feature_extractor", "scheduler")
+    # StableVideoDiffusionPipeline has no load_lora_weights: the adapters are written in SD's LoRA format
+    # (keys `unet.*`) and loaded into the UNet with dpo_ds.lora.load.
 
     # SVD's block layout (spatio-temporal cross-attention down and up blocks) at toy width, for tests and toy
     # runs; nothing is downloaded. in_channels = 2 × 4: the noisy latents and the image latents.

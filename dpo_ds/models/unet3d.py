@@ -70,6 +70,7 @@ class UNet3D(DDPMUNet2D):
     UNET_CLASS = "UNet3DConditionModel"
     PROMPT_TENSORS = ("prompt_embeds",)
     BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+    LORA_SAVER = ("TextToVideoSDPipeline", "unet_lora_layers")
 
     # ModelScope's block layout (cross-attention down and up blocks, temporal convolutions and attention
     # in every block) at toy width, for tests and toy runs; nothing is downloaded.

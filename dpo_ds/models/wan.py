@@ -98,6 +98,7 @@ class Wan(Family):
     PROMPT_TENSORS = ("prompt_embeds",)
     DRAWS_SIGMA = True  # reads model.flow_shift, sigma_density, logit_mean, logit_std (dpo_ds.config)
     BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+    LORA_SAVER = ("WanPipeline", "transformer_lora_layers")
     # The toy model (Family's contract).
     TINY_DENOISER_CONFIG = TINY_TRANSFORMER_CONFIG
     SCHEDULER_CONFIG = WAN_SCHEDULER_CONFIG

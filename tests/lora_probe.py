@@ -1,0 +1,50 @@
+"""One process, no launcher: LoRA runs with reference.mode=adapters_off, one after another (tests/test_lora.py).
+argv: a DeepSpeed JSON, then run configs. Prints RESULT and, per run, a JSON of what it did: the first
+micro-step's loss and implicit accuracy, which base weights changed and which adapters did not, the optimizer's
+parameter count, the trained adapters (sum of |B|), and which of them the export, loaded back into the base
+model from its folder with dpo_ds.lora.load, does not hold exactly."""
+
+import json
+import sys
+
+import torch
+
+from dpo_ds import engine, lora, models
+from dpo_ds.config import load_config, resolve_ds_config
+from dpo_ds.data import list_shards
+from dpo_ds.trainer import Trainer
+
+engine.init_distributed()
+results = []
+for path in sys.argv[2:]:
+    cfg = load_config(path)
+    family = models.build(cfg)
+    trainer = Trainer(cfg, resolve_ds_config(sys.argv[1], cfg, 1, "fp32"), "fp32", family, list_shards(cfg.data.shards))
+    first = []
+    forward_loss = trainer.forward_loss
+
+    def recording(batch, reference=None):
+        loss, diag = forward_loss(batch, reference)
+        if not first:
+            first.append({k: float(diag[k]) for k in ("loss", "implicit_acc")})
+        return loss, diag
+
+    trainer.forward_loss = recording
+    before = trainer.policy.full_state_dict()
+    trainer.fit()
+    after = trainer.policy.full_state_dict()
+    trained = lora.adapter_weights(after)
+    exported = lora.load(family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config),
+                         str(trainer.out / "export" / "lora" / lora.WEIGHT_NAME), family.LORA_SAVER[1].split("_")[0])
+    loaded = lora.adapter_weights(exported.state_dict())
+    results.append({
+        "first": first[0],
+        "base_changed": [n for n in before if not lora.is_adapter(n) and not torch.equal(before[n], after[n])],
+        "adapters_unmoved": [n for n in before if ".lora_B." in n and torch.equal(before[n], after[n])],
+        "num_adapter_params": sum(t.numel() for n, t in before.items() if lora.is_adapter(n)),
+        "num_optimized": sum(p.numel() for group in trainer.policy.optimizer.param_groups for p in group["params"]),
+        "sum_abs_b": sum(float(t.abs().sum()) for n, t in trained.items() if ".lora_B." in n),
+        "export_mismatch": sorted(set(trained) ^ set(loaded)) + [n for n in trained if n in loaded
+                                                                 and not torch.equal(trained[n], loaded[n])],
+    })
+print("RESULT " + json.dumps(results))

@@ -1,0 +1,234 @@
+"""LoRA (model.lora) with the reference for free (reference.mode=adapters_off). In-process: the per-family
+default targets, the settings' errors, adapters_off giving the base model exactly. One process per run list
+(tests/lora_probe.py): every video family trains its adapters, the base bitwise unchanged, the first step's
+loss ln 2, the export loads back; a reference cache computed from the base model serves a LoRA run. Through
+the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and SD 1.5 on ZeRO-2, checkpoints of the
+adapters only, resume bitwise, the export loaded with the pipeline's `load_lora_weights` changes what it
+samples, and tools/export.py --merge writes the full model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
+from dpo_ds import lora
+from test_tools_export_sample_score import load_tool
+from dpo_ds.config import LoraConfig, load_config
+from dpo_ds.models import FAMILIES
+
+VIDEO_FAMILIES = ["wan", "unet3d", "motion", "svd"]
+LORA = {"rank": 4, "alpha": 8.0}
+
+
+def _tiny(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cls = FAMILIES[family]
+    return cls.denoiser_from_config(cls.TINY_DENOISER_CONFIG)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_default_targets_adapt_the_attention_and_only_adapters_train(family):
+    denoiser = _tiny(family)
+    num_params = sum(p.numel() for p in denoiser.parameters())
+    num_adapted = lora.add_adapters(denoiser, LoraConfig(**LORA), FAMILIES[family].LORA_TARGETS)
+    trainable = [n for n, p in denoiser.named_parameters() if p.requires_grad]
+    assert num_adapted >= 4 and len(trainable) == 2 * num_adapted and all(lora.is_adapter(n) for n in trainable)
+    assert all(n.split(".lora_")[0].rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for n in trainable)
+    if family == "motion":  # the motion modules only: the SD 1.5 UNet around them is the base
+        assert all("motion_modules" in n for n in trainable)
+    # B starts at zero: the adapted model is the base model, with or without adapters_off
+    assert all(p.abs().sum() == 0 for n, p in denoiser.named_parameters() if ".lora_B." in n)
+    assert sum(p.numel() for n, p in denoiser.named_parameters() if not lora.is_adapter(n)) == num_params
+
+
+def test_adapters_off_is_the_base_model_exactly():
+    denoiser = _tiny("sd15")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 77, FAMILIES["sd15"].TINY_DENOISER_CONFIG["cross_attention_dim"])
+    with torch.no_grad():
+        base = denoiser(x, torch.tensor([10, 500]), cond).sample
+    lora.add_adapters(denoiser, LoraConfig(**LORA, dropout=0.5), ("*.to_q", "*.to_v"))
+    with torch.no_grad():
+        for name, p in denoiser.named_parameters():
+            if ".lora_B." in name:
+                p.normal_()
+        adapted = denoiser(x, torch.tensor([10, 500]), cond).sample
+        with lora.adapters_off(denoiser):
+            off = denoiser(x, torch.tensor([10, 500]), cond).sample
+    assert torch.equal(off, base) and not torch.allclose(adapted, base)
+    # switched back on: the adapters train again
+    assert all(p.requires_grad == lora.is_adapter(n) for n, p in denoiser.named_parameters())
+
+
+def test_lora_settings_errors_name_the_key(tmp_path):
+    def load(**sections):
+        return load_config(str(write_run_config(tmp_path / "run.yaml", tmp_path, tmp_path / "out", **sections)))
+
+    assert load(model={"pretrained_path": "m", "lora": {"rank": 8}}).model.lora.rank == 8
+    with pytest.raises(ValueError, match="model.trainable and model.lora exclude each other"):
+        load(model={"pretrained_path": "m", "lora": {"rank": 8}, "trainable": ["*"]})
+    with pytest.raises(ValueError, match="reference.mode=adapters_off needs model.lora"):
+        load(reference={"mode": "adapters_off"})
+    with pytest.raises(ValueError, match="model.lora.targets: \\['\\*.to_qq'\\] match no"):
+        lora.add_adapters(_tiny("sd15"), LoraConfig(targets=["*.to_q", "*.to_qq"]), ())
+
+
+def _probe(tmp_path: Path, ds_config: str, configs: list[Path]) -> list[dict]:
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "lora_probe.py"), str(REPO / "ds_configs" / ds_config),
+                           *map(str, configs)], cwd=REPO, env=env() | {"MASTER_PORT": str(free_port())},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
+def _synthetic(out: Path, family: str, pairs_per_shard: int = 4) -> Path:
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out), "--family", family,
+                    "--num-pairs", "4", "--pairs-per-shard", str(pairs_per_shard), "--resolution", "64", "--seed", "0"],
+                   check=True, env=env(), capture_output=True)
+    return out
+
+
+@pytest.mark.slow
+def test_video_families_train_adapters_against_the_base_and_export(tmp_path):
+    def sections(family: str) -> dict:
+        return dict(model={"pretrained_path": str(tmp_path / family / "model"), "family": family, "lora": LORA},
+                    reference={"mode": "adapters_off"}, data={"num_workers": 0}, optim={"lr": 1e-3},
+                    train={"max_steps": 2}, checkpoint={"every_steps": 100})
+
+    configs = [write_run_config(tmp_path / f"{family}.yaml", _synthetic(tmp_path / family, family),
+                                tmp_path / f"{family}-run", **sections(family)) for family in VIDEO_FAMILIES]
+    # The reference cache with LoRA: computed from the base model alone, it fits the LoRA run's fingerprint.
+    cache = {"mode": "cache", "cache_dir": str(tmp_path / "rc")}
+    cached = write_run_config(tmp_path / "cached.yaml", tmp_path / "unet3d", tmp_path / "cached-run",
+                              **{**sections("unet3d"), "reference": cache})
+    precompute = subprocess.run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--config", str(cached),
+                                 "--num-draws", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                                env=env() | {"MASTER_PORT": str(free_port())}, timeout=300)
+    assert precompute.returncode == 0, precompute.stderr[-4000:]
+    *results, from_cache = _probe(tmp_path, "zero2.json", configs + [cached])
+    assert from_cache["first"]["loss"] == pytest.approx(math.log(2), abs=1e-5) and from_cache["base_changed"] == []
+    for family, result in zip(VIDEO_FAMILIES, results):
+        assert result["first"]["loss"] == pytest.approx(math.log(2), abs=1e-6), family
+        assert result["first"]["implicit_acc"] == 0.5, family
+        assert result["base_changed"] == [] and result["adapters_unmoved"] == [], family
+        assert result["num_optimized"] == result["num_adapter_params"] > 0, family
+        assert result["sum_abs_b"] > 0 and result["export_mismatch"] == [], family
+
+
+def _adapters_in_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """The module weights of a checkpoint (rank 0's model-states file: ZeRO-2's mp_rank_00_, ZeRO-3's
+    zero_pp_rank_0_mp_rank_00_)."""
+    (path,) = [f for f in folder.glob("*model_states.pt") if "zero_pp_rank_" not in f.name or "rank_0_" in f.name]
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def _first_step(run: Path) -> tuple[float, float]:
+    scalars = read_scalars(run / "tensorboard")
+    return dict(scalars["train/loss"])[1], dict(scalars["train/implicit_acc"])[1]
+
+
+def _load_changes_samples(family_name: str, base: Path, lora_dir: Path) -> None:
+    """The family's pipeline on the tiny base samples otherwise once `load_lora_weights` loaded the export."""
+    from diffusers import DDIMScheduler
+
+    family = FAMILIES[family_name]
+    unet = family.denoiser_from_folder(str(base / "unet"), torch.float32)
+    pipe = family.pipeline(str(base), unet, DDIMScheduler.from_config(family.SCHEDULER_CONFIG), torch.float32)
+
+    def sample():
+        return pipe("a red square", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    before = sample()
+    pipe.load_lora_weights(str(lora_dir))
+    assert any(".lora_A." in n for n, _ in pipe.unet.named_parameters())
+    after = sample()
+    assert not torch.equal(before, after), f"{family_name}: the LoRA export did not change the samples"
+
+
+def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a (nested) checkpoint object, by path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+@pytest.mark.slow
+def test_sdxl_lora_on_zero3_checkpoints_adapters_only_resumes_bitwise_and_exports(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+    from tiny_sdxl import build_tiny_sdxl
+
+    base = build_tiny_sdxl(tmp_path / "base")  # the tiny fixture's UNet (make_synthetic, seed 0) and its components
+    sections = dict(model={"pretrained_path": str(base), "lora": LORA}, reference={"mode": "adapters_off"},
+                    optim={"lr": 1e-3}, train={"max_steps": 2}, checkpoint={"every_steps": 1, "keep_last": 2})
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", **sections)
+    proc = deepspeed_train(cfg)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    loss, acc = _first_step(tmp_path / "run")
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and acc == 0.5
+
+    # The checkpoint: the adapters, their Adam state and what resume needs; no base weight.
+    ckpt = tmp_path / "run" / "checkpoints"
+    step2 = ckpt / "step_00000002"
+    module = _adapters_in_checkpoint(step2)
+    assert module and all(lora.is_adapter(n) for n in module)
+    base_bytes = (base / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert sum(f.stat().st_size for f in step2.iterdir()) < base_bytes / 2
+
+    # Resume from step 1 in another folder: step 2's checkpoint is the same, bit for bit: adapters, Adam's state,
+    # the schedule, the counters. Not the global torch RNG it records: the loader's iterator draws its base seed
+    # from it once at the start of fit(), before step 1 in one run and after the restore in the other.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ckpt / "step_00000001", resumed / "checkpoints" / "step_00000001")
+    (resumed / "checkpoints" / "latest").write_text("step_00000001")
+    cfg_resumed = write_run_config(tmp_path / "resumed.yaml", tiny, resumed, **sections)
+    proc = deepspeed_train(cfg_resumed, "--checkpoint.resume=auto", "--checkpoint.export=false")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for f in sorted(step2.glob("*.pt")):
+        a = _tensors(torch.load(f, map_location="cpu", weights_only=False))
+        b = _tensors(torch.load(resumed / "checkpoints" / "step_00000002" / f.name, map_location="cpu",
+                                weights_only=False))
+        assert a.keys() == b.keys() and [k for k in a if k != "/rng/torch" and not torch.equal(a[k], b[k])] == []
+
+    _load_changes_samples("sdxl", base, tmp_path / "run" / "export" / "lora")
+
+    # --merge: the full UNet; every weight the adapters do not touch is the base's, bit for bit.
+    merged_dir = tmp_path / "merged"
+    assert load_tool("export").main(["--run", str(tmp_path / "run"), "--merge", "--out", str(merged_dir)]) == 0
+    merged, initial = load_file(str(merged_dir / "diffusion_pytorch_model.safetensors")), load_file(
+        str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    adapted = {n.split(".lora_")[0] + ".weight" for n in module}
+    assert merged.keys() == initial.keys()
+    assert [n for n in initial if (n in adapted) == torch.equal(merged[n], initial[n])] == []
+
+
+@pytest.mark.slow
+def test_sd15_lora_on_zero2_trains_adapters_only_and_exports(tmp_path):
+    from tiny_sdxl import build_tiny_sd15
+
+    data = _synthetic(tmp_path / "data", "sd15", pairs_per_shard=2)  # a shard per rank
+    base = build_tiny_sd15(tmp_path / "base")  # make_synthetic's sd15 UNet (seed 0) and its components
+    cfg = write_run_config(tmp_path / "run.yaml", data, tmp_path / "run",
+                           model={"pretrained_path": str(base), "family": "sd15", "lora": LORA},
+                           reference={"mode": "adapters_off"}, optim={"lr": 1e-3}, train={"max_steps": 2,
+                           "micro_batch_size": 1}, checkpoint={"every_steps": 100})
+    proc = deepspeed_train(cfg, ds_config="ds_configs/zero2.json")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    loss, acc = _first_step(tmp_path / "run")
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and acc == 0.5
+    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    module = _adapters_in_checkpoint(tmp_path / "run" / "checkpoints" / tag)
+    assert module and all(lora.is_adapter(n) for n in module)
+    exported = load_tool("export").export(str(tmp_path / "run"), "latest", None, "fp32")  # from the checkpoint
+    _load_changes_samples("sd15", base, Path(exported))
+    _load_changes_samples("sd15", base, tmp_path / "run" / "export" / "lora")
