@@ -1,0 +1,124 @@
+"""The fast paths (settings in dpo_ds/config.py, measured by tools/bench.py): each switch changes what it
+should and leaves the loss as it was. Activation checkpointing off, on and selective, and channels-last latents,
+on every family's tiny denoiser; the fused optimizer, channels-last, block compilation and the synchronisation-
+free step in the real Trainer, one process, ZeRO-3, the live reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.utils.checkpoint
+
+from conftest import REPO, env, free_port, write_run_config
+from dpo_ds import models
+from dpo_ds.config import load_config, resolve_ds_config
+
+
+def _tiny(name: str):
+    """The family's tiny denoiser and a one-pair batch of its layout (clips of 2 latent frames), drawn from seed 0."""
+    cls = models.family_class(name)
+    family = cls.tiny(64)
+    torch.manual_seed(0)
+    denoiser = family.denoiser_from_config(dict(cls.TINY_DENOISER_CONFIG))
+    config = cls.TINY_DENOISER_CONFIG
+    channels = int(config.get("out_channels", config["in_channels"]))
+    shape = (channels, 2, 8, 8) if cls.LATENT_LAYOUT == "CFHW" else (channels, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    batch = {k: v[None] for k, v in family.synthetic_conditioning(denoiser.config, 64, g, torch.float32).items()}
+    batch.update(latents_w=torch.randn(1, *shape, generator=g), latents_l=torch.randn(1, *shape, generator=g),
+                 noise=torch.randn(1, *shape, generator=g), t=torch.tensor([family.draw_t(g)]))
+    return family, denoiser, batch
+
+
+def _grads(family, denoiser, batch) -> dict[str, torch.Tensor]:
+    e_w, e_l = family.pair_errors(denoiser, batch, *family.noisy_pair(batch), torch.float32)
+    (e_w - 0.5 * e_l).sum().backward()
+    return {n: p.grad for n, p in denoiser.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", sorted(models.FAMILIES))
+def test_activation_checkpointing_off_on_and_selective_keep_the_gradients(name, monkeypatch):
+    """selective recomputes every other one of the family's blocks (counted as torch's checkpoint is entered);
+    all three settings give the same gradients."""
+    family, denoiser, batch = _tiny(name)
+    entered = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **k: entered.append(fn) or checkpoint(fn, *a, **k))
+    grads = {}
+    for setting in (False, True, "selective"):
+        model = copy.deepcopy(denoiser)
+        models.prepare_policy(family, model, SimpleNamespace(gradient_checkpointing=setting, channels_last=False,
+                                                            compile="none"))
+        entered.clear()
+        grads[setting] = _grads(family, model, batch)
+        if setting == "selective":
+            blocks = family.blocks(model)
+            assert len(entered) == len(blocks[::2]) >= 1
+            assert [fn.__self__ for fn in entered] == blocks[::2]
+    assert grads[False].keys() == grads[True].keys() == grads["selective"].keys()
+    for n, g in grads[False].items():
+        assert torch.allclose(grads[True][n], g, rtol=1e-4, atol=1e-6), n
+        assert torch.allclose(grads["selective"][n], g, rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in models.FAMILIES.items() if cls.HAS_CONV_LATENTS))
+def test_channels_last_runs_every_spatial_convolution_channels_last_and_keeps_the_prediction(name):
+    family, denoiser, batch = _tiny(name)
+    x_t, _, t = family.noisy_pair(batch)
+    with torch.no_grad():
+        plain = family.predict(denoiser, x_t, t, batch, torch.float32)
+    models.prepare_policy(family, denoiser, SimpleNamespace(gradient_checkpointing=False, channels_last=True,
+                                                            compile="none"))
+    outputs = []
+    for module in denoiser.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out: outputs.append(
+                out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+    with torch.no_grad():
+        fast = family.predict(denoiser, x_t, t, batch, torch.float32)
+    assert len(outputs) > 10 and all(outputs)
+    assert torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.channels_last=true --model.family=wan", "model.channels_last is for the UNet families"),
+    ("--model.compile=reduce-overhead", "model.compile"),
+    ("--model.gradient_checkpointing=every_other", "model.gradient_checkpointing"),
+    ("--optim.implementation=fused --optim.name=adafactor", "optim.implementation=fused chooses AdamW's kernel"),
+])
+def test_fast_path_settings_refuse_what_they_cannot_do(override, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["--output_dir=x", "--model.denoiser_config=c.json", "--model.scheduler_config=s.json",
+                           "--data.shards=x", "--train.max_steps=1", *override.split()])
+
+
+def test_fused_kernel_is_for_the_optimizer_the_trainer_builds(tmp_path):
+    cfg = load_config(None, ["--output_dir=x", "--model.denoiser_config=c.json", "--model.scheduler_config=s.json",
+                             "--data.shards=x", "--train.max_steps=1", "--optim.implementation=fused"])
+    with pytest.raises(ValueError, match="offloaded to cpu"):
+        resolve_ds_config(str(REPO / "ds_configs" / "zero3_offload.json"), cfg, 1, "fp32")
+    with_optimizer = tmp_path / "ds.json"
+    with_optimizer.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ValueError, match="optimizer section builds DeepSpeed's own AdamW"):
+        resolve_ds_config(str(with_optimizer), cfg, 1, "fp32")
+
+
+def test_xformers_without_a_gpu_is_a_clear_error(monkeypatch):
+    """Installed or not, xformers needs a GPU (its kernels are CUDA only); this machine has none."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present here")
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "xformers" else find_spec(n, *a))
+    for name in ("sdxl", "wan"):
+        family, denoiser, _ = _tiny(name)
+        with pytest.raises(ValueError, match="model.attention=xformers needs a CUDA GPU"):
+            family.set_attention(denoiser, "xformers")
