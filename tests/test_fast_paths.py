@@ -122,3 +122,116 @@ def test_xformers_without_a_gpu_is_a_clear_error(monkeypatch):
         family, denoiser, _ = _tiny(name)
         with pytest.raises(ValueError, match="model.attention=xformers needs a CUDA GPU"):
             family.set_attention(denoiser, "xformers")
+
+
+PROBE = r"""
+import json, sys, traceback
+import torch
+from dpo_ds import engine, models
+from dpo_ds.config import load_config, resolve_ds_config
+from dpo_ds.data import list_shards
+from dpo_ds.trainer import Trainer
+
+# Where the host reads a tensor's value, it waits for the device: count those calls inside the step.
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+hits, is_counting = [], [False]
+
+def counted(name):
+    method = getattr(torch.Tensor, name)
+    def wrapper(self, *args, **kwargs):
+        if is_counting[0]:
+            caller = traceback.extract_stack(limit=2)[0]
+            path = caller.filename.split("site-packages/")[-1]
+            path = "dpo_ds/" + path.split("/dpo_ds/")[-1] if "/dpo_ds/" in path else path
+            hits.append(f"{path} {caller.name} {name}")
+        return method(self, *args, **kwargs)
+    return wrapper
+
+for name in SYNCS:
+    setattr(torch.Tensor, name, counted(name))
+# inductor's C++ compilation of the blocks takes about four minutes here (aot_eager 40 s): dynamo's own backend
+# captures the same graphs, breaking where ZeRO-3's parameter hooks (compiler-disabled) gather the weights.
+compile_module = torch.nn.Module.compile
+BACKEND = "eager"
+torch.nn.Module.compile = lambda self, mode=None: compile_module(self, backend=BACKEND)
+
+engine.init_distributed()
+results = {}
+for variant, overrides in json.loads(sys.argv[3]).items():
+    cfg = load_config(sys.argv[1], overrides + [f"--output_dir={sys.argv[4]}/{variant}"])
+    trainer = Trainer(cfg, resolve_ds_config(sys.argv[2], cfg, 1, "fp32"), "fp32", models.build(cfg),
+                      list_shards(cfg.data.shards))
+    losses, syncs, conv_outputs = [], [], []
+    forward_loss, train_step = trainer.forward_loss, trainer.train_step
+
+    def recording(batch, reference=None):
+        loss, diag = forward_loss(batch, reference)
+        losses.append(loss.detach().clone())
+        return loss, diag
+
+    def counting(batches):
+        hits.clear()
+        is_counting[0] = True
+        try:
+            return train_step(batches)
+        finally:
+            is_counting[0] = False
+            syncs.append(list(hits))
+
+    trainer.forward_loss, trainer.train_step = recording, counting
+    module = trainer.policy.module
+    last_conv = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    last_conv.register_forward_hook(lambda m, args, out: conv_outputs.append(
+        out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+    trainer.fit()
+    optimizer = trainer.policy.optimizer.optimizer
+    results[variant] = {"losses": [x.item() for x in losses], "syncs": syncs, "conv_channels_last": conv_outputs,
+                        "fused": bool(optimizer.defaults.get("fused")),
+                        "compiled": [b._compiled_call_impl is not None for b in trainer.family.blocks(module)]}
+print("RESULT " + json.dumps(results))
+"""
+
+DS_GRAD_NORM_CHECK = "deepspeed/runtime/utils.py is_invalid_grad_norm __bool__"  # in ZeRO-3's step
+
+
+def test_fast_paths_in_the_trainer_keep_the_loss_and_the_step_waits_for_nothing(tiny, tmp_path):
+    """One process, ZeRO-3, the live reference, 4 steps of the real Trainer per variant, from one init and one
+    data order. Every variant's losses are the default's. The step reads nothing back from the device but
+    DeepSpeed's own check of the gradient norm (once per optimizer step; it skips a non-finite one), and by
+    default the non-finite loss check (once per micro-batch; nonfinite_check=logging drops it). The first two
+    steps are left out: DeepSpeed records its parameter trace there and agrees on it across ranks. (The compiled
+    blocks' graphs, run by dynamo's eager backend, read a few scalars of their own: not counted.)"""
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "unused", train={"max_steps": 4},
+                           data={"num_workers": 1}, logging={"every_steps": 2, "progress": False},
+                           checkpoint={"every_steps": 100, "export": False})
+    variants = {
+        "default": [],
+        "fast": ["--optim.implementation=fused", "--train.nonfinite_check=logging", "--model.channels_last=true",
+                 "--model.gradient_checkpointing=selective"],
+        "compiled": ["--model.compile=default", "--model.gradient_checkpointing=false"],
+    }
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    proc = subprocess.run([sys.executable, str(script), str(cfg), str(REPO / "ds_configs" / "zero3.json"),
+                           json.dumps(variants), str(tmp_path / "runs")], cwd=REPO,
+                          env=env() | {"MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    default, fast, compiled = result["default"], result["fast"], result["compiled"]
+
+    assert len(default["losses"]) == 4 and default["losses"][0] == pytest.approx(0.6931472, abs=1e-6)
+    for variant in (fast, compiled):
+        assert variant["losses"] == pytest.approx(default["losses"], rel=1e-4)
+    assert default["losses"][-1] != pytest.approx(default["losses"][0], rel=1e-4)  # it trained
+
+    assert not default["fused"] and fast["fused"]
+    assert not any(default["conv_channels_last"]) and fast["conv_channels_last"] and all(fast["conv_channels_last"])
+    assert not any(default["compiled"]) and all(compiled["compiled"])
+
+    # The for-loop AdamW (PyTorch's default on the CPU) reads its step count, a CPU tensor: no device wait.
+    for_loop_step_count = "torch/optim/optimizer.py _get_value item"
+    for step_syncs in default["syncs"][2:]:
+        assert sorted(step_syncs) == sorted([DS_GRAD_NORM_CHECK, "dpo_ds/engine.py any_rank_true item",
+                                             for_loop_step_count]), step_syncs
+    for step_syncs in fast["syncs"][2:]:
+        assert step_syncs == [DS_GRAD_NORM_CHECK]
