@@ -235,3 +235,20 @@ def test_fast_paths_in_the_trainer_keep_the_loss_and_the_step_waits_for_nothing(
                                              for_loop_step_count]), step_syncs
     for step_syncs in fast["syncs"][2:]:
         assert step_syncs == [DS_GRAD_NORM_CHECK]
+
+
+def test_nonfinite_losses_checked_at_logging_stop_the_run(tiny, tmp_path):
+    """train.nonfinite_check=logging: an absurd learning rate makes the losses non-finite after the first step;
+    DeepSpeed skips those optimizer steps, the trainer reports them at the next logging step and stops once a
+    window holds train.max_nonfinite_in_row of them."""
+    cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run",
+                           train={"max_steps": 30, "max_nonfinite_in_row": 2, "grad_clip": 0.0,
+                                  "nonfinite_check": "logging"},
+                           optim={"lr": 1e30}, logging={"every_steps": 2, "progress": False},
+                           checkpoint={"every_steps": 100, "export": False})
+    proc = subprocess.run([sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero3.json",
+                           "--config", str(cfg)], cwd=REPO, env=env() | {"MASTER_PORT": str(free_port())},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-5000:]
+    assert "step 2: 1 micro-batches of the last logging window had a non-finite loss" in proc.stderr
+    assert "stopped: 2 micro-batches of one logging window had a non-finite loss" in proc.stderr
