@@ -194,6 +194,7 @@ print("RESULT " + json.dumps(results))
 DS_GRAD_NORM_CHECK = "deepspeed/runtime/utils.py is_invalid_grad_norm __bool__"  # in ZeRO-3's step
 
 
+@pytest.mark.slow
 def test_fast_paths_in_the_trainer_keep_the_loss_and_the_step_waits_for_nothing(tiny, tmp_path):
     """One process, ZeRO-3, the live reference, 4 steps of the real Trainer per variant, from one init and one
     data order. Every variant's losses are the default's. The step reads nothing back from the device but
@@ -237,6 +238,7 @@ def test_fast_paths_in_the_trainer_keep_the_loss_and_the_step_waits_for_nothing(
         assert step_syncs == [DS_GRAD_NORM_CHECK]
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_checked_at_logging_stop_the_run(tiny, tmp_path):
     """train.nonfinite_check=logging: an absurd learning rate makes the losses non-finite after the first step;
     DeepSpeed skips those optimizer steps, the trainer reports them at the next logging step and stops once a
