@@ -74,8 +74,20 @@ class ModelConfig(_Section):
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of the denoiser's weights (`model.lora.rank=16`, ...; null: a full fine-tune,
     or the `trainable` subset). Pairs with reference.mode=adapters_off, the reference for free."""
-    gradient_checkpointing: bool = True
-    """Non-reentrant activation checkpointing of the policy: less memory, ~30% more compute."""
+    gradient_checkpointing: bool | Literal["selective"] = True
+    """Non-reentrant activation checkpointing of the policy: less memory, ~30% more compute. true: the family's
+    own (diffusers' per layer; unet3d per block); `selective`: every other one of the denoiser's blocks (UNets:
+    down, mid and up blocks; transformers: their blocks), about half the memory saved for half the recompute;
+    false: none (fastest, most activation memory)."""
+    channels_last: bool = False
+    """UNet families: feed the denoiser channels-last latents (channels innermost in memory), which GPU
+    convolution kernels prefer in bf16; each convolution follows its input's format, so the activations stay
+    channels-last. The weights keep the default layout: DeepSpeed holds them in flat buffers. Off until
+    tools/bench.py measures it on a GPU."""
+    compile: Literal["none", "default", "max-autotune-no-cudagraphs"] = "none"
+    """torch.compile each of the denoiser's repeated blocks (not the whole engine) with this mode; the first
+    steps then take minutes to compile. Modes that capture CUDA graphs are not offered: ZeRO-3 gathers
+    parameters into new memory every step, which a graph cannot replay."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Training precision: auto is bf16 on GPUs that have it, fp32 on the CPU."""
     vae_scale_factor: int = 8
@@ -119,6 +131,9 @@ class ModelConfig(_Section):
             if given:
                 raise ValueError(f"model.{given[0]} is a flow-matching setting (model.family=wan); "
                                  f"model.family={self.family} does not draw flow-matching σ: remove it")
+        if self.channels_last and not getattr(FAMILIES[self.family], "HAS_CONV_LATENTS", False):
+            raise ValueError(f"model.channels_last is for the UNet families; model.family={self.family} "
+                             "runs no convolutions on its latents: remove it")
         if not getattr(FAMILIES[self.family], "DRAWS_EDM", False):
             given = [name for name in EDM_SETTINGS if getattr(self, name) != type(self).model_fields[name].default]
             if given:
@@ -147,6 +162,9 @@ class DataConfig(_Section):
     """Loader worker processes per rank; they also draw each pair's timestep and noise."""
     shuffle_buffer: int = Field(256, ge=1)
     """Pairs held per worker for shuffling within an epoch."""
+    pin_memory: bool = True
+    """On GPUs, put each batch in page-locked host memory, so that its copy to the device is asynchronous
+    (ignored on the CPU)."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     """Stop the run once more than this fraction of the pairs read were bad (skipped)."""
     empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)
@@ -195,7 +213,13 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this (0 disables)."""
     max_nonfinite_in_row: int = Field(5, ge=1)
-    """Stop after this many consecutive micro-batches with a non-finite loss (each is skipped)."""
+    """Stop after this many consecutive micro-batches with a non-finite loss (each is skipped); with
+    nonfinite_check=logging, after this many in one logging window."""
+    nonfinite_check: Literal["micro_batch", "logging"] = "micro_batch"
+    """`micro_batch`: check each micro-batch's loss before backward and skip a non-finite one on every rank
+    (one host-device synchronisation per micro-batch). `logging`: no synchronisation in the step: a non-finite
+    loss goes through backward, DeepSpeed skips that optimizer step (its gradient norm is non-finite), and the
+    trainer counts such micro-batches on the device and reads the count at each logging interval."""
 
 
 class OptimConfig(_Section):
@@ -223,6 +247,17 @@ class OptimConfig(_Section):
     schedule: Literal["constant", "cosine"] = "constant"
     """After warmup: constant, or cosine decay to lr * min_lr_ratio at train.max_steps."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """AdamW's kernel (PyTorch's): `fused` updates each flat ZeRO partition in one kernel, `foreach` in one
+    kernel per operation, `for_loop` tensor by tensor; auto: fused on GPUs, PyTorch's default on the CPU.
+    Not for adafactor, an offloaded optimizer (DeepSpeed's CPU Adam) or a DeepSpeed JSON optimizer section."""
+
+    @model_validator(mode="after")
+    def _implementation_is_adamw(self) -> "OptimConfig":
+        if self.implementation != "auto" and self.name != "adamw":
+            raise ValueError(f"optim.implementation={self.implementation} chooses AdamW's kernel; optim.name="
+                             f"{self.name}: remove it")
+        return self
 
     def peak_lr(self, global_batch: int) -> float:
         """The learning rate the optimizer peaks at, for `global_batch` pairs per optimizer step."""
@@ -505,6 +540,9 @@ def resolve_ds_config(path: str, cfg: RunConfig, world_size: int, dtype: str) ->
     if "optimizer" in ds:
         opt = ds["optimizer"]
         o = cfg.optim
+        if o.implementation != "auto":
+            raise ValueError(f"{path}: the optimizer section builds DeepSpeed's own AdamW; optim.implementation="
+                             f"{o.implementation} chooses the kernel of the one the trainer builds: remove either")
         if o.name != "adamw" or str(opt.get("type", "")).lower() not in ("adamw", "adam"):
             raise ValueError(
                 f"{path}: optimizer.type = {opt.get('type')!r} contradicts optim.name = {o.name!r}; "
@@ -517,6 +555,11 @@ def resolve_ds_config(path: str, cfg: RunConfig, world_size: int, dtype: str) ->
         _fill(ds, "optimizer.params.weight_decay", o.weight_decay, "optim.weight_decay", path)
     if "scheduler" in ds:
         raise ValueError(f"{path}: remove the scheduler section; the schedule is optim.schedule / optim.warmup_steps")
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in ("none", None) and cfg.optim.implementation != "auto":
+        raise ValueError(f"{path}: the optimizer state is offloaded to {offload}, where DeepSpeed's CPU Adam "
+                         f"runs; optim.implementation={cfg.optim.implementation} is for an optimizer on the device: "
+                         "remove it")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 2 or 3, got {stage!r}")

@@ -600,7 +600,7 @@ class PairLoader:
     def __init__(self, shards: list[ShardInfo], *, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 2, shuffle_buffer: int = 256, schema: dict[str, tuple[int, ...] | None],
                  draw_t: Callable[[torch.Generator], float], num_draws: int | None = None,
-                 dropout: PromptDropout | None = None):
+                 dropout: PromptDropout | None = None, pin_memory: bool = False):
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(f"PairLoader needs batch_size >= 1, num_workers >= 0, 0 <= rank < world_size; "
                              f"got {batch_size}, {num_workers}, {rank}, {world_size}")
@@ -614,6 +614,7 @@ class PairLoader:
         self.num_workers, self.shuffle_buffer, self.schema = num_workers, shuffle_buffer, dict(schema)
         self.draw_t = draw_t  # the family's law of t (Family.draw_t)
         self.dropout = dropout  # data.empty_prompt_prob, or None
+        self.pin_memory = pin_memory  # batches in page-locked memory, for asynchronous copies to a GPU
         # With a reference cache of K draws per pair, epoch e uses draw e mod K: the policy must see
         # exactly the noisy latents the cached errors were computed on. The shuffle still uses e.
         if num_draws is not None and num_draws < 1:
@@ -787,7 +788,7 @@ class PairLoader:
         slots = [(shards, quota, skip) for (shards, quota), skip in zip(plan, skips)]
         dataset = _EpochPairs(self, epoch, slots[next_worker:] + slots[:next_worker], first_slot=next_worker)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, in_order=True)
+                            persistent_workers=False, in_order=True, pin_memory=self.pin_memory)
         num_yielded = 0
         for batch in loader:
             num_yielded += 1

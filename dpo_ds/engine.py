@@ -68,6 +68,9 @@ UNIVERSAL = "universal"  # <tag>/universal: the tag converted by ds_to_universal
 # which peer is gone when a collective fails (a dead peer's exit is seen by its launcher only, and
 # DeepSpeed's launcher does not say which rank it was).
 _PEERS: list[tuple[str, int, float]] = []
+# A gloo group over all ranks for flags the host holds (any_rank): agreeing on them through nccl would copy
+# them to the GPU and read the answer back, waiting for all queued GPU work. None: the default group (CPU).
+_HOST_GROUP = None
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
@@ -93,6 +96,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
                                auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     if has_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        global _HOST_GROUP
+        _HOST_GROUP = dist.new_group(backend="gloo")
     else:
         _unlink_shm_workspace()
     _PEERS[:] = all_gather_object((socket.gethostname(), os.getpid(), psutil.Process().create_time()))
@@ -276,9 +281,18 @@ def all_gather_object(obj: object) -> list:
 
 
 def any_rank(flag: bool) -> bool:
-    """True when `flag` holds on at least one rank (every rank gets the same answer)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device())
-    return bool(all_reduce_sum(t).item() > 0)
+    """True when `flag` holds on at least one rank (every rank gets the same answer). Host to host: it does not
+    wait for the GPU."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_HOST_GROUP)
+    return bool(t.item() > 0)
+
+
+def any_rank_true(flag: torch.Tensor) -> bool:
+    """True when the device's [ ] bool `flag` holds on at least one rank: one host-device synchronisation."""
+    return bool(all_reduce_sum(flag.reshape(1).float()).item() > 0)
 
 
 def destroy() -> None:
@@ -310,7 +324,12 @@ def _client_optimizer(params, cfg: OptimConfig, lr: float, offload: bool) -> tor
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    # ZeRO hands the optimizer one flat fp32 partition per group: the fused kernel reads and writes it once per
+    # step, where the others make a pass per operation (about ten), which is what the step's time is made of.
+    implementation = cfg.implementation if cfg.implementation != "auto" else "fused" if has_gpu() else "default"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
+              "default": {}}[implementation]
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **kernel)
 
 
 # ---------------------------------------------------------------- engines
@@ -336,9 +355,11 @@ class Policy:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, optim, max_steps)),
         )
         self.is_zero3 = zero.get("stage", 0) == 3
+        is_fused = optimizer is not None and optimizer.defaults.get("fused")
         log.info("policy: %s trainable parameters, ZeRO stage %d, optimizer %s%s, peak lr %.4g%s",
                  f"{num_trainable:,}", zero.get("stage", 0),
-                 type(optimizer).__name__ if optimizer is not None else ds_config["optimizer"].get("type"),
+                 (f"{type(optimizer).__name__}{' (fused)' if is_fused else ''}" if optimizer is not None
+                  else ds_config["optimizer"].get("type")),
                  ", its state offloaded to cpu" if is_offloaded else "", lr,
                  f" (optim.lr {optim.lr:g} x global batch {ds_config['train_batch_size']})" if optim.scale_lr else "")
 

@@ -73,6 +73,7 @@ class Trainer:
         self.has_warned_cycling = False
         self.cache_drift: float | None = None  # ref/cache_drift of the last drift check, until it is logged
         self.is_drift_check_due = False
+        self.is_checking_each_loss = cfg.train.nonfinite_check == "micro_batch"
         val_shards = list_shards(cfg.data.val_shards) if cfg.data.val_every else None
         refs = reference.for_training(cfg, family, shards, val_shards, denoiser, ds_config, dtype)
         self.reference, self.val_reference, self.drift_reference = refs.train, refs.val, refs.drift
@@ -84,8 +85,7 @@ class Trainer:
             self.trainable = [pattern + ".*" for pattern in targets]
             if engine.rank() == 0:
                 log.info("LoRA: rank %d adapters on %d modules, base weights frozen", cfg.model.lora.rank, num_adapted)
-        if cfg.model.gradient_checkpointing:
-            self.family.enable_gradient_checkpointing(denoiser)
+        models.prepare_policy(family, denoiser, cfg.model)
         self.policy = engine.Policy(denoiser, engine.config_for_resume(ds_config, self.ckpt_dir, self.resume_tag),
                                     cfg.optim, cfg.train.max_steps, is_adapters_only=cfg.model.lora is not None)
         refs.bind(self.policy)  # a reference inside the policy takes its initial values now, before any resume
@@ -96,7 +96,7 @@ class Trainer:
         self.loader = PairLoader(
             shards, batch_size=cfg.train.micro_batch_size, rank=engine.rank(),
             world_size=engine.world_size(), seed=cfg.seed, num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
+            shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=cfg.data.pin_memory and engine.has_gpu(),
             schema=schema, draw_t=self.family.draw_t, num_draws=self.reference.num_draws if self.has_cache else None,
             dropout=prompt_dropout(cfg.data.empty_prompt_prob, shards, family.PROMPT_TENSORS, schema))
         self.pair_flops = self._count_flops(schema)
@@ -159,9 +159,11 @@ class Trainer:
             batch = self._next_batch(batches)
             loss, diag = self.forward_loss(batch)
             # Every rank must skip together, or the ZeRO collectives in backward hang.
-            if engine.any_rank(not torch.isfinite(loss).item()):
+            if self.is_checking_each_loss and engine.any_rank_true(~torch.isfinite(loss)):
                 self._skip_nonfinite()
                 continue
+            if not self.is_checking_each_loss:  # read at logging (_check_nonfinite_window)
+                diag["nonfinite"] = (~torch.isfinite(loss)).float()
             self.policy.backward(loss)
             self.policy.step()
             num_good += 1
@@ -169,7 +171,7 @@ class Trainer:
             self.nonfinite_in_row = 0
             for name, value in diag.items():
                 sums[name] = sums[name] + value if name in sums else value
-        sums["count"] = torch.tensor(float(num_good), device=self.device)
+        sums["count"] = torch.full((), float(num_good), device=self.device)  # a fill, not a copy from the host
         return sums
 
     def _batch_flops(self, batch: dict) -> int:
@@ -197,11 +199,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 sums = self.train_step(batches)
                 state.step += 1
-                state.samples_seen += int(sums["count"].item()) * cfg.train.micro_batch_size * engine.world_size()
+                state.samples_seen += cfg.train.grad_accum * cfg.train.micro_batch_size * engine.world_size()
                 window.add(sums, time.perf_counter() - t0, self.data_wait, self.flops)
                 self.data_wait, self.flops = 0.0, 0
                 if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
                     scalars = self._reduce(window)
+                    if not self.is_checking_each_loss:
+                        self._check_nonfinite_window(int(scalars["train/nonfinite"]))
                     metrics.scalars(state.step, scalars)
                     warning = self.gap_watch.message(state.step, scalars)
                     if warning is not None:
@@ -248,9 +252,25 @@ class Trainer:
                 f"{self.nonfinite_in_row} micro-batches in a row had a non-finite loss (train.max_nonfinite_in_row); "
                 "lower optim.lr or dpo.beta, or check the data with tools/inspect_shards.py")
 
+    def _check_nonfinite_window(self, num_nonfinite: int) -> None:
+        """train.nonfinite_check=logging: DeepSpeed skipped the optimizer steps these micro-batches were in."""
+        if not num_nonfinite:
+            return
+        self.state.num_nonfinite += num_nonfinite
+        if engine.rank() == 0:
+            log.warning("step %d: %d micro-batches of the last logging window had a non-finite loss; DeepSpeed "
+                        "skipped their optimizer steps (%d in all)", self.state.step, num_nonfinite,
+                        self.state.num_nonfinite)
+        if num_nonfinite >= self.cfg.train.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"{num_nonfinite} micro-batches of one logging window had a non-finite loss (train.max_nonfinite_in_row); "
+                "lower optim.lr or dpo.beta, or check the data with tools/inspect_shards.py")
+
     def _reduce(self, window: Window) -> dict[str, float]:
         """train/* means over the logging window, over micro-batches and ranks, and perf/*."""
         out, count = window.means(engine.all_reduce_sum, self.device, "train")
+        if "train/nonfinite" in out:  # train.nonfinite_check=logging: the window's non-finite micro-batches, all ranks
+            out["train/nonfinite"] = round(out["train/nonfinite"] * count)
         out.update({
             "train/grad_norm": self.policy.grad_norm(),
             "train/lr": self.policy.lr(),

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from dpo_ds.models.family import Family
+from dpo_ds.models.family import Family, checkpoint_block
 from dpo_ds.models.motion import Motion
 from dpo_ds.models.sd15 import SD15
 from dpo_ds.models.sd15_encoder import SD15Encoder
@@ -75,3 +75,34 @@ def select_trainable(denoiser: torch.nn.Module, patterns: list[str] | None) -> N
                          f"fnmatch-style on parameter names such as {names[0]!r} (`*` matches dots too)")
     for name, param in denoiser.named_parameters():
         param.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))
+
+
+def prepare_policy(family: Family, denoiser: torch.nn.Module, model) -> None:
+    """The policy's speed and memory settings (model: the run's ModelConfig), applied before the engine wraps it:
+    activation checkpointing, channels-last convolutions, and each repeated block compiled."""
+    if model.gradient_checkpointing == "selective":
+        for block in family.blocks(denoiser)[::2]:
+            checkpoint_block(block)
+    elif model.gradient_checkpointing:
+        family.enable_gradient_checkpointing(denoiser)
+    if model.channels_last:
+        for module in denoiser.modules():
+            if isinstance(module, torch.nn.Conv2d):  # the spatial ones: nearly all of a UNet's convolution FLOPs
+                module.register_forward_pre_hook(_channels_last_input)
+    if model.compile != "none":
+        for block in family.blocks(denoiser):
+            block.compile(mode=model.compile)
+
+
+def _channels_last_input(conv: torch.nn.Module, args: tuple) -> tuple:
+    """A convolution's input channels-last, so that the convolution runs and returns channels-last. What
+    converting the weights does in PyTorch's kernels, which follow either operand's format; but DeepSpeed keeps
+    weights in flat buffers of the default layout (and cannot broadcast channels-last ones). Where the input
+    already is (from the convolution before), nothing is copied; attention and temporal layers return the
+    default layout, and the next convolution converts once."""
+    return (channels_last(args[0]), *args[1:])
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] `x` with its channels innermost in memory (same shape and values)."""
+    return x.contiguous(memory_format=torch.channels_last)

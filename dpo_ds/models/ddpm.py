@@ -7,7 +7,7 @@ Legend: N = batch, `...` = any latent layout (CHW for images, CFHW for video).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,7 @@ class DDPMProcess:
     alphas_cumprod: torch.Tensor  # [T] float32
     prediction_type: str
     num_train_timesteps: int
+    on_device: dict = field(default_factory=dict, compare=False, repr=False)  # device -> alphas_cumprod there
 
     PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -61,7 +62,10 @@ class DDPMProcess:
 
     def _coefs(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(signal, noise) coefficients per sample, shaped to broadcast over [N x ...]."""
-        ac = self.alphas_cumprod[t.long().cpu()]
+        # A copy on t's device, made once: indexing the host's table with t would wait for the device every step.
+        if t.device not in self.on_device:
+            self.on_device[t.device] = self.alphas_cumprod.to(t.device)
+        ac = self.on_device[t.device][t.long()]
         shape = (-1,) + (1,) * (ndim - 1)
         return ac.sqrt().view(shape), (1.0 - ac).sqrt().view(shape)
 

@@ -37,6 +37,8 @@ Subclasses set NAME, LATENT_LAYOUT, DENOISER_SUBFOLDER, TINY_DENOISER_CONFIG and
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
@@ -44,6 +46,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from dpo_ds.encode import Geometry
 from dpo_ds.losses import per_sample_error
@@ -61,6 +64,7 @@ class Family(ABC):
     LORA_TARGETS: ClassVar[tuple[str, ...]] = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
     # The diffusers pipeline class whose save_lora_weights writes the adapters, and its layers argument
     LORA_SAVER: ClassVar[tuple[str, str]] = ("StableDiffusionPipeline", "unet_lora_layers")
+    HAS_CONV_LATENTS: ClassVar[bool] = False  # the denoiser convolves its latents (UNets): model.channels_last applies
 
     @classmethod
     @abstractmethod
@@ -115,6 +119,13 @@ class Family(ABC):
         """Recompute the denoiser's blocks in the backward pass (model.gradient_checkpointing): diffusers' own,
         where the denoiser class supports it."""
         denoiser.enable_gradient_checkpointing()
+
+    @staticmethod
+    def blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's repeated blocks in forward order, each called once per forward: what model.compile
+        compiles one by one and model.gradient_checkpointing=selective alternates over. UNets: the down blocks,
+        the mid block, the up blocks."""
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
 
     @staticmethod
     @abstractmethod
@@ -218,6 +229,22 @@ class Family(ABC):
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample errors [B], [B] of `model` on winners and losers (one forward of 2B samples)."""
         return self.error(self.predict(model, x_t, t, batch, dtype), target, t).chunk(2)
+
+
+def require_xformers() -> None:
+    """Raise ValueError naming model.attention unless xformers can run here: installed, and a CUDA GPU."""
+    if importlib.util.find_spec("xformers") is None:
+        raise ValueError("model.attention=xformers but xformers is not installed: "
+                         "`pip install -e .[xformers]`, or use model.attention=sdpa")
+    if not torch.cuda.is_available():
+        raise ValueError("model.attention=xformers needs a CUDA GPU (its kernels run on nothing else); "
+                         "use model.attention=sdpa")
+
+
+def checkpoint_block(block: torch.nn.Module) -> None:
+    """Recompute `block` in the backward pass: its forward wrapped in torch's non-reentrant checkpoint, which
+    passes keyword arguments through (a family's own checkpointing, or model.gradient_checkpointing=selective)."""
+    block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -63,6 +63,7 @@ def time_ids(fps: int = FPS, motion_bucket_id: int = MOTION_BUCKET_ID, cond_aug:
 class SVD(Family):
     NAME = "svd"
     LATENT_LAYOUT = "CFHW"
+    HAS_CONV_LATENTS = True
     DENOISER_SUBFOLDER = "unet"
     # Dropping a pair's "prompt" zeroes its image embedding: what StableVideoDiffusionPipeline conditions its
     # unconditional branch on (encoder.empty_prompt()). The image latents keep their shape-dependent size,

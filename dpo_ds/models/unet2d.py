@@ -6,7 +6,6 @@ generator. A subclass adds its conditioning (sample_schema, unet_kwargs). The te
 
 from __future__ import annotations
 
-import importlib.util
 from abc import abstractmethod
 from typing import ClassVar
 
@@ -14,13 +13,14 @@ import numpy as np
 import torch
 
 from dpo_ds.models.ddpm import DDPMProcess, uniform_timestep
-from dpo_ds.models.family import Family, to_uint8
+from dpo_ds.models.family import Family, require_xformers, to_uint8
 
 
 class DDPMUNet2D(Family):
     LATENT_LAYOUT = "CHW"
     DENOISER_SUBFOLDER = "unet"
     UNET_CLASS: ClassVar[str] = "UNet2DConditionModel"  # the diffusers class of the denoiser
+    HAS_CONV_LATENTS = True
 
     def __init__(self, scheduler_config: dict, prediction_type: str | None, resolution: int, vae_scale_factor: int,
                  timestep_range: tuple[int, int] | None = None):
@@ -67,9 +67,7 @@ class DDPMUNet2D(Family):
     def set_attention(unet: torch.nn.Module, kind: str) -> None:
         """SDPA is diffusers' default processor; xformers must be installed to be asked for."""
         if kind == "xformers":
-            if importlib.util.find_spec("xformers") is None:
-                raise ValueError("model.attention=xformers but xformers is not installed: "
-                                 "`pip install -e .[xformers]`, or use model.attention=sdpa")
+            require_xformers()
             unet.enable_xformers_memory_efficient_attention()
         else:
             from diffusers.models.attention_processor import AttnProcessor2_0

@@ -11,14 +11,12 @@ the scheduler config or model.prediction_type.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 
-from dpo_ds.models.family import to_uint8
+from dpo_ds.models.family import checkpoint_block, to_uint8
 from dpo_ds.models.sd15 import TEXT_SEQ_LEN
 from dpo_ds.models.unet2d import DDPMUNet2D
 
@@ -114,8 +112,8 @@ class UNet3D(DDPMUNet2D):
         """Recompute each down, mid and up block in the backward pass. diffusers' UNet3DConditionModel
         refuses enable_gradient_checkpointing (its 3D blocks ignore the flag), so each block's forward is
         wrapped in torch's non-reentrant checkpoint, which takes the blocks' keyword arguments."""
-        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        for block in UNet3D.blocks(unet):
+            checkpoint_block(block)
 
     FPS = 8  # ModelScope's and Zeroscope's clips are played at 8 fps
     sample = staticmethod(sample_clips)

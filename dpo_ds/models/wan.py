@@ -20,14 +20,13 @@ scheduler config's): σ = s·u / (1 + (s − 1)·u). Drawn in float64 from the p
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
 import numpy as np
 import torch
 
-from dpo_ds.models.family import Family, to_uint8
+from dpo_ds.models.family import Family, require_xformers, to_uint8
 
 TEXT_SEQ_LEN = 512  # WanPipeline's max_sequence_length, and tools/encode_pairs.py's default for wan
 
@@ -155,14 +154,17 @@ class Wan(Family):
         """sdpa: Wan's own attention processor, on diffusers' default backend (torch SDPA unless the
         DIFFUSERS_ATTN_BACKEND variable says otherwise); xformers: diffusers' xformers backend (installed)."""
         if kind == "xformers":
-            if importlib.util.find_spec("xformers") is None:
-                raise ValueError("model.attention=xformers but xformers is not installed: "
-                                 "`pip install -e .[xformers]`, or use model.attention=sdpa")
+            require_xformers()
             transformer.set_attention_backend("xformers")
         else:
             from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
             transformer.set_attn_processor(WanAttnProcessor())
+
+    @staticmethod
+    def blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The transformer's blocks (self-attention, cross-attention, feed-forward), all of one shape."""
+        return list(transformer.blocks)
 
     @staticmethod
     def export(state_dict: dict[str, torch.Tensor], transformer_config: dict, out_dir: str, dtype: torch.dtype) -> None:
