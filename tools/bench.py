@@ -11,12 +11,18 @@ its target (docs/BENCHMARKS.md holds the figures measured so far).
                    reference, gradient checkpointing off (tools/bench_reference.py): target <= 0.80
   zero3_memory     parameter + gradient + optimizer-state bytes per rank with 2 processes over 1,
                    ZeRO-3 through the real `deepspeed` launcher: target <= 0.55
+  trainer_overhead dpo_ds's training step (Trainer.train_step, ds_configs/zero3.json, one process, cached
+                   reference) over a bare PyTorch loop of the same model, micro-batches and AdamW, on an
+                   SDXL-layout UNet of 25M parameters whose step takes over half a second here: target <= 1.15
+  precompute       the bare no_grad forward loop's time over tools/precompute_ref.py's (its compute_shard:
+                   shard decode, draws, forward, errors) on the same model and pairs: target >= 0.90
 
 Prints one JSON line per figure ({"figure", "ratio", "target", "pass", ...what was measured}), then a
 table (about 5 minutes on a 2-core CPU). --quick runs the figures on toy sizes (a smoke test, not a
 measurement).
 
-  python tools/bench.py [--out DIR] [--quick] [--figures data_sdxl,data_wan,reference,zero3_memory]
+  python tools/bench.py [--out DIR] [--quick] [--figures data_sdxl,data_wan,reference,zero3_memory,...]
+  python tools/bench.py --gpu [--tiny] [--out DIR]     the GPU run (tools/bench_gpu.py): one JSON file
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from dpo_ds.data import PairLoader, ShardWriter, list_shards  # noqa: E402
+import bench_steps  # noqa: E402
+
+from dpo_ds.data import PairLoader, list_shards  # noqa: E402
 from dpo_ds.models import family_class  # noqa: E402
 
 APPETITE = 10.0  # pairs/s one H100 trains at the target throughput
@@ -62,14 +70,8 @@ def _data_figure(name: str, family: str, denoiser_config: dict, latent_shape: tu
     schema = spec.sample_schema(denoiser_config)
     folder = os.path.join(out, name)
     shutil.rmtree(folder, ignore_errors=True)
-    g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    with ShardWriter(folder, prefix="bench", max_pairs=pairs_per_shard) as writer:
-        for i in range(num_pairs):
-            tensors = {name: torch.randn(latent_shape, generator=g).half() for name in ("latents_w", "latents_l")}
-            tensors.update(spec.synthetic_conditioning(denoiser_config, latent_shape[-1] * 8, g, torch.float16))
-            writer.write(f"pair{i:08d}", {"caption": f"bench pair {i}", "family": family,
-                                          "latent_layout": spec.LATENT_LAYOUT, "label": 1.0}, tensors)
+    bench_steps.write_pairs(folder, family, denoiser_config, latent_shape, num_pairs, pairs_per_shard)
     write_s = time.perf_counter() - t0
     shards = list_shards(folder)
     loader = PairLoader(shards, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=2,
@@ -179,7 +181,40 @@ def zero3_memory(args) -> dict:
             "ds_config": "ds_configs/zero3.json"}
 
 
-FUNCTIONS = {"data_sdxl": data_sdxl, "data_wan": data_wan, "reference": reference, "zero3_memory": zero3_memory}
+def _steps_setup(args) -> str:
+    """The step figures' model and data (once per run): an SDXL-layout UNet of widths 160, 320 (24.6M
+    parameters; the toy one in --quick) at 128 px, 8 pairs, micro-batch 2, and its reference cache."""
+    from dpo_ds.models.sdxl import SDXL
+
+    out = os.path.join(args.out, "steps")
+    if not os.path.isfile(os.path.join(out, "cache", "manifest.json")):
+        config = dict(SDXL.TINY_DENOISER_CONFIG)
+        if not args.quick:
+            config.update(block_out_channels=[160, 320], attention_head_dim=[5, 10])
+        side = 8 if args.quick else 16
+        overrides = bench_steps.setup(out, "sdxl", config, (4, side, side), num_pairs=8, micro_batch_size=2)
+        bench_steps.precompute_cache(overrides, batch_size=4)
+    return out
+
+
+def trainer_overhead(args) -> dict:
+    out = _steps_setup(args)
+    numbers = ["2", "1"] if args.quick else ["7", "2"]  # measured steps, warm-up steps
+    result = json.loads(_run([sys.executable, os.path.join(REPO, "tools", "bench_steps.py"), "overhead", out,
+                              *numbers]).stdout.strip().splitlines()[-1])
+    return {"figure": "trainer_overhead", "target": "<= 1.15", "pass": result["ratio"] <= 1.15, **result}
+
+
+def precompute(args) -> dict:
+    out = _steps_setup(args)
+    numbers = ["4", "1"] if args.quick else ["4", "5"]  # batch size (pairs), measured rounds
+    result = json.loads(_run([sys.executable, os.path.join(REPO, "tools", "bench_steps.py"), "precompute", out,
+                              *numbers]).stdout.strip().splitlines()[-1])
+    return {"figure": "precompute", "target": ">= 0.90", "pass": result["ratio"] >= 0.90, **result}
+
+
+FUNCTIONS = {"data_sdxl": data_sdxl, "data_wan": data_wan, "reference": reference, "zero3_memory": zero3_memory,
+             "trainer_overhead": trainer_overhead, "precompute": precompute}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if temporary:
             shutil.rmtree(args.out, ignore_errors=True)
-    print(f"\n{'figure':<14} {'ratio':>8}  {'target':<8} {'pass':<5}")
+    print(f"\n{'figure':<16} {'ratio':>8}  {'target':<8} {'pass':<5}")
     for row in rows:
-        print(f"{row['figure']:<14} {row['ratio']:>8.3f}  {row['target']:<8} {'yes' if row['pass'] else 'NO'}")
+        print(f"{row['figure']:<16} {row['ratio']:>8.3f}  {row['target']:<8} {'yes' if row['pass'] else 'NO'}")
     return 0
 
 
