@@ -217,17 +217,47 @@ FUNCTIONS = {"data_sdxl": data_sdxl, "data_wan": data_wan, "reference": referenc
              "trainer_overhead": trainer_overhead, "precompute": precompute}
 
 
+def gpu(args) -> int:
+    import bench_gpu
+
+    if not args.tiny and not torch.cuda.is_available():
+        print("bench.py --gpu: no CUDA device; --tiny runs the same code on the CPU with toy models", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(REPO, "runs", "bench_gpu")
+    result = bench_gpu.run(out, args.tiny, args.budget_s, args.models.split(","))
+    print(f"\n{result['device']}, {result['dtype']}, peak {result['peak_tflops']} TFLOP/s, {result['wall_s']} s; "
+          f"{os.path.join(out, 'bench_gpu.json')}")
+    print(f"{'model':<10} {'variant':<20} {'reference':<9} {'pairs/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'GB':>6}")
+    for c in result["cases"]:
+        if "error" in c:
+            print(f"{c['model']:<10} {c['variant']:<20} {c['reference']:<9} {c['error']}")
+            continue
+        mfu, gb = (f"{c[k]:.3f}" if c[k] is not None else "-" for k in ("mfu", "max_allocated_gb"))
+        print(f"{c['model']:<10} {c['variant']:<20} {c['reference']:<9} {c['pairs_per_s']:>8.3f} {c["tflops"]:>8.4g} "
+              f"{mfu:>6} {gb:>6}")
+    for model, ratio in result["cached_over_live"].items():
+        print(f"{model}: cached over live reference step time {ratio:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="work folder (default: a temporary one, removed after)")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks the figures run, measures nothing")
     p.add_argument("--figures", default=",".join(FUNCTIONS), help=f"comma-separated, of {', '.join(FUNCTIONS)}")
+    p.add_argument("--gpu", action="store_true", help="the GPU run instead (tools/bench_gpu.py); its JSON in --out "
+                                                       "(default runs/bench_gpu)")
+    p.add_argument("--tiny", action="store_true", help="with --gpu: the same code on the CPU with toy models")
+    p.add_argument("--budget-s", type=float, default=420, help="with --gpu: start no case after this many seconds")
+    p.add_argument("--models", default="sdxl,wan-1.3b", help="with --gpu: comma-separated, of sdxl, wan-1.3b")
     p.add_argument("--zero3-probe", metavar="DIR", help=argparse.SUPPRESS)  # a launcher rank's job (zero3_memory)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher's; engine reads LOCAL_RANK
     args = p.parse_args(argv)
     if args.zero3_probe:
         zero3_probe(args.zero3_probe)
         return 0
+    if args.gpu:
+        return gpu(args)
     figures = args.figures.split(",")
     unknown = [f for f in figures if f not in FUNCTIONS]
     if unknown:
