@@ -233,7 +233,7 @@ def gpu(args) -> int:
             print(f"{c['model']:<10} {c['variant']:<20} {c['reference']:<9} {c['error']}")
             continue
         mfu, gb = (f"{c[k]:.3f}" if c[k] is not None else "-" for k in ("mfu", "max_allocated_gb"))
-        print(f"{c['model']:<10} {c['variant']:<20} {c['reference']:<9} {c['pairs_per_s']:>8.3f} {c["tflops"]:>8.4g} "
+        print(f"{c['model']:<10} {c['variant']:<20} {c['reference']:<9} {c['pairs_per_s']:>8.3f} {c['tflops']:>8.4g} "
               f"{mfu:>6} {gb:>6}")
     for model, ratio in result["cached_over_live"].items():
         print(f"{model}: cached over live reference step time {ratio:.3f}")
