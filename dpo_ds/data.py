@@ -37,6 +37,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -144,7 +145,7 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     if not tensor.numel():
         return True
     lo, hi = torch.aminmax(tensor)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 class ShardWriter:
