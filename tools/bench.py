@@ -44,8 +44,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import bench_steps  # noqa: E402
-
 from dpo_ds.data import PairLoader, list_shards  # noqa: E402
 from dpo_ds.models import family_class  # noqa: E402
 
@@ -78,6 +76,8 @@ def _data_figure(name: str, family: str, denoiser_config: dict, latent_shape: tu
     schema = spec.sample_schema(denoiser_config)
     folder = os.path.join(out, name)
     shutil.rmtree(folder, ignore_errors=True)
+    import bench_steps  # imports deepspeed, which prints to stdout: only where it is needed
+
     t0 = time.perf_counter()
     bench_steps.write_pairs(folder, family, denoiser_config, latent_shape, num_pairs, pairs_per_shard)
     write_s = time.perf_counter() - t0
@@ -109,9 +109,14 @@ def data_sdxl(args) -> dict:
 
 
 def data_wan(args) -> dict:
+    """Also against a Wan 1.3B clip's own appetite: an H100 at MFU 0.4 over its FLOPs per pair (scaling.py)."""
+    from scaling import FLOPS_PER_PAIR
+
     shape = (16, 3, 8, 8) if args.quick else (16, 21, 60, 104)
-    return _data_figure("data_wan", "wan", WAN_TRANSFORMER, shape, 8 if args.quick else 48,
-                        2 if args.quick else 6, 1, args.out)
+    row = _data_figure("data_wan", "wan", WAN_TRANSFORMER, shape, 8 if args.quick else 48,
+                       2 if args.quick else 6, 1, args.out)
+    own = 0.4 * 989e12 / FLOPS_PER_PAIR["Wan2.1-T2V-1.3B"]
+    return {**row, "wan_1.3b_appetite_pairs_per_s": round(own, 4), "ratio_vs_wan_1.3b_appetite": row["pairs_per_s"] / own}
 
 
 def reference(args) -> dict:
@@ -195,6 +200,8 @@ def zero3_memory(args) -> dict:
 def _steps_setup(args) -> str:
     """The step figures' model and data (once per run): an SDXL-layout UNet of widths 160, 320 (24.6M
     parameters; the toy one in --quick) at 128 px, 8 pairs, micro-batch 2, and its reference cache."""
+    import bench_steps
+
     from dpo_ds.models.sdxl import SDXL
 
     out = os.path.join(args.out, "steps")

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from dpo_ds import engine, models  # noqa: E402
+from dpo_ds import models  # noqa: E402
 from dpo_ds.config import load_config, resolve_ds_config, training_dtype  # noqa: E402
 from dpo_ds.data import ShardWriter, list_shards  # noqa: E402
 from dpo_ds.dtypes import DTYPES  # noqa: E402
@@ -85,6 +85,8 @@ def precompute_cache(overrides: list[str], batch_size: int) -> None:
 
 def build_trainer(overrides: list[str], ds_json: str = ZERO3):
     """A Trainer as dpo_ds.train builds it (process group already started), ready to step."""
+    from dpo_ds import engine  # deepspeed, which prints on import: only in the processes that step
+
     from dpo_ds.trainer import Trainer
 
     cfg = load_config(None, overrides)
@@ -104,6 +106,8 @@ def fixed_batches(trainer, num: int) -> list[dict]:
 
 def timed(fn: Callable[[], object]) -> float:
     """Seconds of fn(), the device synchronised on both sides."""
+    from dpo_ds import engine
+
     if engine.has_gpu():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -127,6 +131,8 @@ def interleaved(steps: dict[str, Callable[[], object]], num_steps: int, num_warm
 
 def bare_model(cfg, family):
     """The policy's denoiser as the Trainer builds it (same seed, so the same weights), without DeepSpeed."""
+    from dpo_ds import engine
+
     torch.manual_seed(cfg.seed)
     model = family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config)
     family.set_attention(model, cfg.model.attention)
@@ -140,6 +146,8 @@ def overhead_probe(out: str, num_steps: int, num_warmup: int) -> dict:
     """Trainer.train_step (ZeRO-3, one process, cached reference) against a bare loop of the same model,
     micro-batches and optimizer: noise, forward, the DPO loss on the cached errors, backward, gradient
     clipping, AdamW and its schedule, zero_grad."""
+    from dpo_ds import engine
+
     with open(os.path.join(out, "setup.json")) as f:
         overrides = json.load(f)
     engine.init_distributed()
@@ -195,6 +203,7 @@ def precompute_probe(out: str, batch_size: int, num_rounds: int) -> dict:
     import precompute_ref
     from tqdm import tqdm
 
+    from dpo_ds import engine
     from dpo_ds.data import collate_pairs, decode_sample, tar_samples
 
     with open(os.path.join(out, "setup.json")) as f:
