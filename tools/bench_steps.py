@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
