@@ -11,12 +11,18 @@ its target (docs/BENCHMARKS.md holds the figures measured so far).
                    reference, gradient checkpointing off (tools/bench_reference.py): target <= 0.80
   zero3_memory     parameter + gradient + optimizer-state bytes per rank with 2 processes over 1,
                    ZeRO-3 through the real `deepspeed` launcher: target <= 0.55
+  trainer_overhead dpo_ds's training step (Trainer.train_step, ds_configs/zero3.json, one process, cached
+                   reference) over a bare PyTorch loop of the same model, micro-batches and AdamW, on an
+                   SDXL-layout UNet of 25M parameters whose step takes over half a second here: target <= 1.15
+  precompute       the bare no_grad forward loop's time over tools/precompute_ref.py's (its compute_shard:
+                   shard decode, draws, forward, errors) on the same model and pairs: target >= 0.90
 
 Prints one JSON line per figure ({"figure", "ratio", "target", "pass", ...what was measured}), then a
 table (about 5 minutes on a 2-core CPU). --quick runs the figures on toy sizes (a smoke test, not a
 measurement).
 
-  python tools/bench.py [--out DIR] [--quick] [--figures data_sdxl,data_wan,reference,zero3_memory]
+  python tools/bench.py [--out DIR] [--quick] [--figures data_sdxl,data_wan,reference,zero3_memory,...]
+  python tools/bench.py --gpu [--tiny] [--out DIR]     the GPU run (tools/bench_gpu.py): one JSON file
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -37,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from dpo_ds.data import PairLoader, ShardWriter, list_shards  # noqa: E402
+from dpo_ds.data import PairLoader, list_shards  # noqa: E402
 from dpo_ds.models import family_class  # noqa: E402
 
 APPETITE = 10.0  # pairs/s one H100 trains at the target throughput
@@ -55,6 +62,13 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the loader's workers): what a pair costs
+    whatever else the machine runs, unlike pairs/s on a shared machine."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _data_figure(name: str, family: str, denoiser_config: dict, latent_shape: tuple[int, ...], num_pairs: int,
                  pairs_per_shard: int, batch_size: int, out: str) -> dict:
     """pairs/s of one rank's PairLoader with 2 workers over an epoch of freshly written shards."""
@@ -62,31 +76,30 @@ def _data_figure(name: str, family: str, denoiser_config: dict, latent_shape: tu
     schema = spec.sample_schema(denoiser_config)
     folder = os.path.join(out, name)
     shutil.rmtree(folder, ignore_errors=True)
-    g = torch.Generator().manual_seed(0)
+    import bench_steps  # imports deepspeed, which prints to stdout: only where it is needed
+
     t0 = time.perf_counter()
-    with ShardWriter(folder, prefix="bench", max_pairs=pairs_per_shard) as writer:
-        for i in range(num_pairs):
-            tensors = {name: torch.randn(latent_shape, generator=g).half() for name in ("latents_w", "latents_l")}
-            tensors.update(spec.synthetic_conditioning(denoiser_config, latent_shape[-1] * 8, g, torch.float16))
-            writer.write(f"pair{i:08d}", {"caption": f"bench pair {i}", "family": family,
-                                          "latent_layout": spec.LATENT_LAYOUT, "label": 1.0}, tensors)
+    bench_steps.write_pairs(folder, family, denoiser_config, latent_shape, num_pairs, pairs_per_shard)
     write_s = time.perf_counter() - t0
     shards = list_shards(folder)
     loader = PairLoader(shards, batch_size=batch_size, rank=0, world_size=1, seed=0, num_workers=2,
                         shuffle_buffer=16, schema=schema, draw_t=spec.draw_t)
     # From the first batch on: the workers' start-up is paid once per run, not per pair.
+    cpu0 = _cpu_seconds()
     batches = loader.epoch(0)
     next(batches)
     t0 = time.perf_counter()
     pairs = sum(len(b["keys"]) for b in batches)
     seconds = time.perf_counter() - t0
+    del batches  # the workers are joined, so their CPU time is counted
+    cpu_ms = (_cpu_seconds() - cpu0) / (pairs + batch_size) * 1000
     shard_mb = sum(os.path.getsize(s.url) for s in shards) / 2**20
     shutil.rmtree(folder, ignore_errors=True)
     rate = pairs / seconds
     return {"figure": name, "ratio": rate / APPETITE, "target": ">= 10", "pass": rate / APPETITE >= 10,
             "pairs_per_s": rate, "appetite_pairs_per_s": APPETITE, "pairs_timed": pairs, "batch_size": batch_size,
             "latents": list(latent_shape), "shard_mb": round(shard_mb, 1), "write_s": round(write_s, 2),
-            "loader_workers": 2}
+            "loader_workers": 2, "cpu_ms_per_pair": round(cpu_ms, 2)}
 
 
 def data_sdxl(args) -> dict:
@@ -96,9 +109,14 @@ def data_sdxl(args) -> dict:
 
 
 def data_wan(args) -> dict:
+    """Also against a Wan 1.3B clip's own appetite: an H100 at MFU 0.4 over its FLOPs per pair (scaling.py)."""
+    from scaling import FLOPS_PER_PAIR
+
     shape = (16, 3, 8, 8) if args.quick else (16, 21, 60, 104)
-    return _data_figure("data_wan", "wan", WAN_TRANSFORMER, shape, 8 if args.quick else 48,
-                        2 if args.quick else 6, 1, args.out)
+    row = _data_figure("data_wan", "wan", WAN_TRANSFORMER, shape, 8 if args.quick else 48,
+                       2 if args.quick else 6, 1, args.out)
+    own = 0.4 * 989e12 / FLOPS_PER_PAIR["Wan2.1-T2V-1.3B"]
+    return {**row, "wan_1.3b_appetite_pairs_per_s": round(own, 4), "ratio_vs_wan_1.3b_appetite": row["pairs_per_s"] / own}
 
 
 def reference(args) -> dict:
@@ -179,7 +197,65 @@ def zero3_memory(args) -> dict:
             "ds_config": "ds_configs/zero3.json"}
 
 
-FUNCTIONS = {"data_sdxl": data_sdxl, "data_wan": data_wan, "reference": reference, "zero3_memory": zero3_memory}
+def _steps_setup(args) -> str:
+    """The step figures' model and data (once per run): an SDXL-layout UNet of widths 160, 320 (24.6M
+    parameters; the toy one in --quick) at 128 px, 8 pairs, micro-batch 2, and its reference cache."""
+    import bench_steps
+
+    from dpo_ds.models.sdxl import SDXL
+
+    out = os.path.join(args.out, "steps")
+    if not os.path.isfile(os.path.join(out, "cache", "manifest.json")):
+        config = dict(SDXL.TINY_DENOISER_CONFIG)
+        if not args.quick:
+            config.update(block_out_channels=[160, 320], attention_head_dim=[5, 10])
+        side = 8 if args.quick else 16
+        overrides = bench_steps.setup(out, "sdxl", config, (4, side, side), num_pairs=8, micro_batch_size=2)
+        bench_steps.precompute_cache(overrides, batch_size=4)
+    return out
+
+
+def trainer_overhead(args) -> dict:
+    out = _steps_setup(args)
+    numbers = ["2", "1"] if args.quick else ["7", "2"]  # measured steps, warm-up steps
+    result = json.loads(_run([sys.executable, os.path.join(REPO, "tools", "bench_steps.py"), "overhead", out,
+                              *numbers]).stdout.strip().splitlines()[-1])
+    return {"figure": "trainer_overhead", "target": "<= 1.15", "pass": result["ratio"] <= 1.15, **result}
+
+
+def precompute(args) -> dict:
+    out = _steps_setup(args)
+    numbers = ["4", "1"] if args.quick else ["4", "5"]  # batch size (pairs), measured rounds
+    result = json.loads(_run([sys.executable, os.path.join(REPO, "tools", "bench_steps.py"), "precompute", out,
+                              *numbers]).stdout.strip().splitlines()[-1])
+    return {"figure": "precompute", "target": ">= 0.90", "pass": result["ratio"] >= 0.90, **result}
+
+
+FUNCTIONS = {"data_sdxl": data_sdxl, "data_wan": data_wan, "reference": reference, "zero3_memory": zero3_memory,
+             "trainer_overhead": trainer_overhead, "precompute": precompute}
+
+
+def gpu(args) -> int:
+    import bench_gpu
+
+    if not args.tiny and not torch.cuda.is_available():
+        print("bench.py --gpu: no CUDA device; --tiny runs the same code on the CPU with toy models", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(REPO, "runs", "bench_gpu")
+    result = bench_gpu.run(out, args.tiny, args.budget_s, args.models.split(","))
+    print(f"\n{result['device']}, {result['dtype']}, peak {result['peak_tflops']} TFLOP/s, {result['wall_s']} s; "
+          f"{os.path.join(out, 'bench_gpu.json')}")
+    print(f"{'model':<10} {'variant':<20} {'reference':<9} {'pairs/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'GB':>6}")
+    for c in result["cases"]:
+        if "error" in c:
+            print(f"{c['model']:<10} {c['variant']:<20} {c['reference']:<9} {c['error']}")
+            continue
+        mfu, gb = (f"{c[k]:.3f}" if c[k] is not None else "-" for k in ("mfu", "max_allocated_gb"))
+        print(f"{c['model']:<10} {c['variant']:<20} {c['reference']:<9} {c['pairs_per_s']:>8.3f} {c['tflops']:>8.4g} "
+              f"{mfu:>6} {gb:>6}")
+    for model, ratio in result["cached_over_live"].items():
+        print(f"{model}: cached over live reference step time {ratio:.3f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,12 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="work folder (default: a temporary one, removed after)")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks the figures run, measures nothing")
     p.add_argument("--figures", default=",".join(FUNCTIONS), help=f"comma-separated, of {', '.join(FUNCTIONS)}")
+    p.add_argument("--gpu", action="store_true", help="the GPU run instead (tools/bench_gpu.py); its JSON in --out "
+                                                       "(default runs/bench_gpu)")
+    p.add_argument("--tiny", action="store_true", help="with --gpu: the same code on the CPU with toy models")
+    p.add_argument("--budget-s", type=float, default=420, help="with --gpu: start no case after this many seconds")
+    p.add_argument("--models", default="sdxl,wan-1.3b", help="with --gpu: comma-separated, of sdxl, wan-1.3b")
     p.add_argument("--zero3-probe", metavar="DIR", help=argparse.SUPPRESS)  # a launcher rank's job (zero3_memory)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher's; engine reads LOCAL_RANK
     args = p.parse_args(argv)
     if args.zero3_probe:
         zero3_probe(args.zero3_probe)
         return 0
+    if args.gpu:
+        return gpu(args)
     figures = args.figures.split(",")
     unknown = [f for f in figures if f not in FUNCTIONS]
     if unknown:
@@ -208,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if temporary:
             shutil.rmtree(args.out, ignore_errors=True)
-    print(f"\n{'figure':<14} {'ratio':>8}  {'target':<8} {'pass':<5}")
+    print(f"\n{'figure':<16} {'ratio':>8}  {'target':<8} {'pass':<5}")
     for row in rows:
-        print(f"{row['figure']:<14} {row['ratio']:>8.3f}  {row['target']:<8} {'yes' if row['pass'] else 'NO'}")
+        print(f"{row['figure']:<16} {row['ratio']:>8.3f}  {row['target']:<8} {'yes' if row['pass'] else 'NO'}")
     return 0
 
 
