@@ -43,6 +43,7 @@ from dpo_ds.models import family_class  # noqa: E402
 VARIANTS = [
     ("checkpointing=off", ["--model.gradient_checkpointing=false"]),
     ("checkpointing=on", ["--model.gradient_checkpointing=true"]),
+    ("checkpointing=selective", ["--model.gradient_checkpointing=selective"]),
 ]
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers' defaults left out).
