@@ -396,15 +396,7 @@ class Policy:
         storage shared by several is counted once (tools/bench.py's ZeRO-3 memory figure)."""
         assert self.is_zero3, "state_bytes reads ZeRO-3's partitions"
         opt, seen = self.optimizer, set()
-
-        def nbytes(tensors) -> int:
-            total = 0
-            for t in tensors:
-                storage = t.untyped_storage()
-                if t.numel() and storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-            return total
+        nbytes = lambda tensors: held_bytes(tensors, seen)  # noqa: E731  (one `seen` across the three kinds)
 
         return {"params": nbytes([p.data for p in self.module.parameters()] + list(opt.fp16_partitioned_groups_flat)
                                  + list(opt.fp32_partitioned_groups_flat)),
@@ -564,9 +556,10 @@ def build_reference(model: torch.nn.Module, policy_ds_config: dict, offload: str
     return engine
 
 
-def held_bytes(tensors) -> int:
-    """Bytes of the storages behind `tensors`, each storage once (views of one buffer count it once)."""
-    seen, total = set(), 0
+def held_bytes(tensors, seen: set | None = None) -> int:
+    """Bytes of the storages behind `tensors`, each storage once (views of one buffer count it once); `seen`,
+    the storages already counted elsewhere, is updated."""
+    seen, total = set() if seen is None else seen, 0
     for t in tensors:
         storage = t.untyped_storage()
         if t.numel() and storage.data_ptr() not in seen:
