@@ -92,6 +92,22 @@ def deepspeed_train(config: Path, *overrides: str, nproc: int = 2, ds_config: st
     return proc
 
 
+def fork_train(config: Path, *overrides: str, nproc: int = 2, ds_config: str = "ds_configs/zero3.json",
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """deepspeed_train's run with ranks forked from a warm process (tests/ranks.py) instead of the launcher's
+    four fresh interpreters: for tests whose subject is the trainer, not the launcher. Same ranks' environment,
+    same entry point, same result (exit status, both streams)."""
+    import ranks
+
+    port = free_port()
+    argv = ["--deepspeed", str(REPO / ds_config), "--config", str(config), *overrides]
+    proc = ranks.train(argv, nproc=nproc, port=port, environ=env(), cwd=REPO, log_dir=Path(config).parent / "ranks",
+                       timeout=timeout)
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory workspaces left behind: {leaked}"
+    return proc
+
+
 def _become_subreaper() -> None:
     """Orphans of the tests' process trees (a launcher's ranks after a timeout killed the launcher)
     become children of this process instead of init, so `_no_stray_processes` can end them."""
@@ -113,7 +129,10 @@ def _no_stray_processes():
     yield
     import psutil
 
-    stray = psutil.Process().children(recursive=True)
+    import ranks
+
+    keep = ranks.server_pids()  # fork_train's warm fork server; the ranks it forked are strays like any other
+    stray = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
     for p in stray:
         try:
             p.kill()

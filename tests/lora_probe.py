@@ -1,25 +1,29 @@
-"""One process, no launcher: LoRA runs with reference.mode=adapters_off, one after another (tests/test_lora.py).
-argv: a DeepSpeed JSON, then run configs. Prints RESULT and, per run, a JSON of what it did: the first
-micro-step's loss and implicit accuracy, which base weights changed and which adapters did not, the optimizer's
-parameter count, the trained adapters (sum of |B|), and which of them the export, loaded back into the base
-model from its folder with dpo_ds.lora.load, does not hold exactly."""
+"""LoRA runs with reference.mode=adapters_off, one after another in one job (tests/test_lora.py), started by the
+real `deepspeed` launcher (any number of ranks) or alone. argv: pairs of a DeepSpeed JSON and a run config.
+Rank 0 prints RESULT and, per run, a JSON of what it did: the first micro-step's loss and implicit accuracy,
+which base weights changed and which adapters did not, the adapters' parameter count and tensors, the size of
+Adam's state over all ranks, the trained adapters (sum of |B|), and which of them the export, loaded back
+into the base model from its folder with dpo_ds.lora.load, does not hold exactly."""
 
 import json
 import sys
 
 import torch
+import torch.distributed as dist
 
 from dpo_ds import engine, lora, models
 from dpo_ds.config import load_config, resolve_ds_config
 from dpo_ds.data import list_shards
 from dpo_ds.trainer import Trainer
 
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 engine.init_distributed()
 results = []
-for path in sys.argv[2:]:
+for ds_path, path in zip(args[::2], args[1::2]):
     cfg = load_config(path)
     family = models.build(cfg)
-    trainer = Trainer(cfg, resolve_ds_config(sys.argv[1], cfg, 1, "fp32"), "fp32", family, list_shards(cfg.data.shards))
+    trainer = Trainer(cfg, resolve_ds_config(ds_path, cfg, engine.world_size(), "fp32"), "fp32", family,
+                      list_shards(cfg.data.shards))
     first = []
     forward_loss = trainer.forward_loss
 
@@ -33,18 +37,30 @@ for path in sys.argv[2:]:
     before = trainer.policy.full_state_dict()
     trainer.fit()
     after = trainer.policy.full_state_dict()
+    # Elements of Adam's first moment over all ranks: ZeRO's wrapped torch optimizer holds each rank's flat
+    # partition of the trained parameters (padded to the world size).
+    inner = getattr(trainer.policy.optimizer, "optimizer", trainer.policy.optimizer)
+    optimized = torch.tensor(sum(state["exp_avg"].numel() for state in inner.state.values()))
+    dist.all_reduce(optimized)
+    if engine.rank() != 0:
+        continue
     trained = lora.adapter_weights(after)
     exported = lora.load(family.load_denoiser(cfg.model.pretrained_path, cfg.model.denoiser_config),
                          str(trainer.out / "export" / "lora" / lora.WEIGHT_NAME), family.LORA_SAVER[1].split("_")[0])
     loaded = lora.adapter_weights(exported.state_dict())
     results.append({
         "first": first[0],
+        "world_size": engine.world_size(),
+        "zero_stage": trainer.policy.engine.zero_optimization_stage(),
         "base_changed": [n for n in before if not lora.is_adapter(n) and not torch.equal(before[n], after[n])],
         "adapters_unmoved": [n for n in before if ".lora_B." in n and torch.equal(before[n], after[n])],
         "num_adapter_params": sum(t.numel() for n, t in before.items() if lora.is_adapter(n)),
-        "num_optimized": sum(p.numel() for group in trainer.policy.optimizer.param_groups for p in group["params"]),
+        "num_adapter_tensors": sum(1 for n in before if lora.is_adapter(n)),
+        "num_optimized": int(optimized),
         "sum_abs_b": sum(float(t.abs().sum()) for n, t in trained.items() if ".lora_B." in n),
         "export_mismatch": sorted(set(trained) ^ set(loaded)) + [n for n in trained if n in loaded
                                                                  and not torch.equal(trained[n], loaded[n])],
     })
-print("RESULT " + json.dumps(results))
+if engine.rank() == 0:
+    print("RESULT " + json.dumps(results), flush=True)
+engine.destroy()

@@ -224,7 +224,7 @@ def test_wan_clips_of_two_frame_counts_and_two_sizes_train_and_resume_bitwise(tm
 
     from safetensors.torch import load_file
 
-    from conftest import REPO, deepspeed_train, read_scalars, write_run_config
+    from conftest import REPO, fork_train, read_scalars, write_run_config
     from dpo_ds.models import family_class
 
     sys.path.insert(0, str(REPO / "tools"))
@@ -248,7 +248,7 @@ def test_wan_clips_of_two_frame_counts_and_two_sizes_train_and_resume_bitwise(tm
                     data={"shards": str(tmp_path / "shards"), "num_workers": 2})
     straight = write_run_config(tmp_path / "straight.yaml", tmp_path, tmp_path / "straight", **sections,
                                 train={"max_steps": 6}, checkpoint={"every_steps": 6, "keep_last": 1})
-    proc = deepspeed_train(straight)
+    proc = fork_train(straight)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "4 shape buckets" in proc.stderr
     # perf/tflops: the policy's FLOPs per pair counted at start for each bucket's shape (dpo_ds.perf).
@@ -256,9 +256,9 @@ def test_wan_clips_of_two_frame_counts_and_two_sizes_train_and_resume_bitwise(tm
     assert all(v > 0 for _, v in read_scalars(tmp_path / "straight" / "tensorboard")["perf/tflops"])
     cfg = write_run_config(tmp_path / "run.yaml", tmp_path, tmp_path / "run", **sections,
                            train={"max_steps": 3}, checkpoint={"every_steps": 3, "keep_last": 2})
-    proc = deepspeed_train(cfg)
+    proc = fork_train(cfg)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    proc = deepspeed_train(cfg, "--train.max_steps=6", "--checkpoint.resume=auto")
+    proc = fork_train(cfg, "--train.max_steps=6", "--checkpoint.resume=auto")
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "at step 3 (epoch 0, batch 3)" in proc.stderr
     a, b = (read_scalars(tmp_path / run / "tensorboard")["train/loss"] for run in ("straight", "run"))

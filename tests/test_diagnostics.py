@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conftest import deepspeed_train, write_run_config
+from conftest import fork_train, write_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_too_large_lr_triggers_the_gap_w_warning_and_validation_is_logged(tiny, 
                            data={"val_shards": str(tiny / "shards"), "val_every": 4, "val_max_batches": 2},
                            logging={"gap_w_window": 3, "progress": False},
                            checkpoint={"every_steps": 100, "export": False})
-    proc = deepspeed_train(cfg)
+    proc = fork_train(cfg)
     assert proc.returncode == 0, proc.stderr[-5000:]
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
     gap_w = [v for _, v in scalars["train/gap_w"]]
@@ -55,7 +55,7 @@ def test_validation_uses_fixed_draws(tiny, tmp_path):
                            train={"max_steps": 2}, optim={"lr": 1e-12},
                            data={"val_shards": str(tiny / "shards"), "val_every": 1, "val_max_batches": 2},
                            logging={"progress": False}, checkpoint={"every_steps": 100, "export": False})
-    proc = deepspeed_train(cfg)
+    proc = fork_train(cfg)
     assert proc.returncode == 0, proc.stderr[-5000:]
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
     # lr 1e-12 leaves the policy the reference: z = 0 on every held-out pair, at both validations.

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, deepspeed_train, env, read_scalars, write_run_config
+from conftest import REPO, env, fork_train, read_scalars, write_run_config
 from dpo_ds import data
 from dpo_ds.encode import BadRow, Geometry, RowSpec, key_fraction, prepare_row, resize_and_crop
 from tiny_sdxl import RESOLUTION, build_tiny_sdxl
@@ -286,7 +286,7 @@ def test_trains_two_steps_on_encoded_shards(world, tmp_path):
                            data={"shards": str(world["root"] / "one"), "resolution": RESOLUTION,
                                  "num_workers": 1, "shuffle_buffer": 4},
                            train={"micro_batch_size": 2, "max_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 1})
-    proc = deepspeed_train(cfg, nproc=1)
+    proc = fork_train(cfg, nproc=1)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
     losses = [v for _, v in read_scalars(tmp_path / "run" / "tensorboard")["train/loss"]]

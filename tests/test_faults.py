@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import BIN, REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
+from conftest import BIN, REPO, env, fork_train, free_port, read_scalars, write_run_config
 from test_launchers import LOOPBACK_ENV, MPIRUN_ARGS, missing
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ def test_every_pair_bad_stops_every_rank_through_the_data_guard(tiny, tmp_path):
     shards = rewrite_shards(tiny, tmp_path / "shards", narrow)
     cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", data={"shards": str(shards)},
                            checkpoint={"every_steps": 100, "export": False})
-    proc = deepspeed_train(cfg, timeout=300)
+    proc = fork_train(cfg, timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 3, text[-6000:]
     assert "Traceback" not in text, text[-6000:]
@@ -237,7 +237,7 @@ def test_bad_fraction_counts_pairs_read_without_padding(tiny, tmp_path):
     cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", data={"shards": str(shards),
                            "max_bad_fraction": 0.0}, train={"max_steps": 8}, logging={"every_steps": 8},
                            checkpoint={"every_steps": 100, "export": False})
-    proc = deepspeed_train(cfg, timeout=400)
+    proc = fork_train(cfg, timeout=400)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 3, text[-6000:]
     lines = stop_lines(text)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
+from conftest import BIN, REPO, env, fork_train, free_port, read_scalars, write_run_config
 from dpo_ds import noise
 from dpo_ds.models import ddpm
 
@@ -373,7 +373,7 @@ def test_live_and_cache_train_the_same(cached, small, tmp_path):
         run_cfg = write_run_config(tmp_path / f"{mode}.yaml", small, tmp_path / mode, dpo={"beta": 10.0},
                                    train={"max_steps": MAX_STEPS}, checkpoint={"every_steps": 100},
                                    reference={"mode": mode, "cache_dir": str(cache_dir)})
-        proc = deepspeed_train(run_cfg)
+        proc = fork_train(run_cfg)
         _ok(proc)
         runs[mode] = (read_scalars(tmp_path / mode / "tensorboard"),
                       load_file(str(tmp_path / mode / "export" / "unet" / "diffusion_pytorch_model.safetensors")))
@@ -397,11 +397,11 @@ def test_trainer_refuses_other_seed_and_logs_drift(cached, small, tmp_path):
     run_cfg = write_run_config(tmp_path / "run.yaml", small, tmp_path / "run", train={"max_steps": 2},
                                checkpoint={"every_steps": 100, "export": False},
                                reference={"mode": "cache", "cache_dir": str(cache_dir)})
-    refused = deepspeed_train(run_cfg, "--seed=1", nproc=1)
+    refused = fork_train(run_cfg, "--seed=1", nproc=1)
     assert refused.returncode == 2, refused.stderr[-4000:]
     assert "field 'seed' differs: 0 in the cache, 1 in this run" in refused.stderr
 
-    _ok(deepspeed_train(run_cfg, "--reference.drift_check_every=1", "--reference.drift_check_fraction=0.5", nproc=1))
+    _ok(fork_train(run_cfg, "--reference.drift_check_every=1", "--reference.drift_check_fraction=0.5", nproc=1))
     drift = read_scalars(tmp_path / "run" / "tensorboard")["ref/cache_drift"]
     assert [s for s, _ in drift] == [1, 2]
     assert all(0 <= v < 1e-5 for _, v in drift), drift

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, deepspeed_train, env, write_run_config
+from conftest import REPO, env, fork_train, write_run_config
 from tiny_sdxl import RESOLUTION, build_tiny_clip, build_tiny_sd15, build_tiny_sdxl, build_tiny_wan
 
 PROMPTS = ["the red cat", "", "a blue house, 3 windows", "the dog!"]  # the blank line is skipped
@@ -114,7 +114,7 @@ def zero3_run(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero3")
     cfg = write_run_config(out / "run.yaml", tiny, out / "run", train={"max_steps": 4},
                            checkpoint={"every_steps": 2, "keep_last": 2})
-    ok(deepspeed_train(cfg))
+    ok(fork_train(cfg))
     return out / "run"
 
 
@@ -153,7 +153,7 @@ def test_export_bf16_is_the_cast_and_tag_picks_the_checkpoint(zero3_run, tmp_pat
 def test_export_of_zero2_checkpoint_equals_trained_weights(tiny, tmp_path):
     cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", train={"max_steps": 2},
                            checkpoint={"every_steps": 2, "keep_last": 1})
-    ok(deepspeed_train(cfg, ds_config="ds_configs/zero2.json"))
+    ok(fork_train(cfg, ds_config="ds_configs/zero2.json"))
     assert load_tool("export").main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     exported, trained = weights(tmp_path / "out"), weights(tmp_path / "run" / "export" / "unet")
     assert exported.keys() == trained.keys()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import deepspeed_train, write_run_config
+from conftest import fork_train, write_run_config
 from dpo_ds import models
 from dpo_ds.config import load_config
 from dpo_ds.models.sdxl import SDXL
@@ -67,7 +67,7 @@ def test_only_the_trainable_parameters_train_have_optimizer_state_and_move(tiny,
 
     cfg = write_run_config(tmp_path / "run.yaml", tiny, tmp_path / "run", model={"pretrained_path": str(tiny / "model"),
                            "trainable": TRAINABLE}, train={"max_steps": 2}, checkpoint={"every_steps": 2})
-    proc = deepspeed_train(cfg)
+    proc = fork_train(cfg)
     assert proc.returncode == 0, proc.stderr[-6000:]
     # The live reference ran inside the policy, on each rank's partitions of the initial trainable values
     # (tests/test_reference_memory.py checks it against a full copy).

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import deepspeed_train, read_scalars, write_run_config
+from conftest import fork_train, read_scalars, write_run_config
 from dpo_ds import data
 from test_data import all_keys, make_loader, write_pairs
 
@@ -151,7 +151,7 @@ def test_two_to_one_to_two_processes(tiny, tmp_path):
     all_pairs = set(shard_of_key(data.list_shards(str(tiny / "shards"))))
     assert len(all_pairs) == 32
 
-    _ok(deepspeed_train(cfg, nproc=2))
+    _ok(fork_train(cfg, nproc=2))
     state, ranks = _position(ckpt, STOP_ON_TWO)
     assert (state["world_size"], state["epoch"], state["batch_in_epoch"]) == (2, 0, STOP_ON_TWO)
     epoch0_on_two = _keys(ranks[0]["consumed"]) + _keys(ranks[1]["consumed"])
@@ -161,7 +161,7 @@ def test_two_to_one_to_two_processes(tiny, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(ckpt / f"step_{STOP_ON_TWO:08d}", copy / "checkpoints" / f"step_{STOP_ON_TWO:08d}")
     (copy / "checkpoints" / "latest").write_text(f"step_{STOP_ON_TWO:08d}")
-    _ok(deepspeed_train(cfg, f"--output_dir={copy}", nproc=1))
+    _ok(fork_train(cfg, f"--output_dir={copy}", nproc=1))
     saved = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"step_{STOP_ON_TWO:08d}")
     exported = load_file(str(copy / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert saved.keys() <= exported.keys()
@@ -169,7 +169,7 @@ def test_two_to_one_to_two_processes(tiny, tmp_path):
         assert torch.equal(exported[name], value), f"{name} changed in the universal load"
 
     # 2 -> 1, up to step 13 (the end of epoch 0), then on into epoch 1.
-    log = _ok(deepspeed_train(cfg, f"--train.max_steps={STOP_ON_ONE}", nproc=1))
+    log = _ok(fork_train(cfg, f"--train.max_steps={STOP_ON_ONE}", nproc=1))
     assert "world size 2 -> 1: epoch 0 goes on without the 12 pairs trained in it so far: 10 micro-batches " \
            "per rank, 0 pairs left over" in log, log[-4000:]
     assert f"resumed from {ckpt}/step_{STOP_ON_TWO:08d} at step {STOP_ON_TWO} (epoch 0, batch 0)" in log
@@ -192,7 +192,7 @@ def test_two_to_one_to_two_processes(tiny, tmp_path):
     state, (rank0,) = _position(ckpt, STOP_ON_ONE)
     assert (state["epoch"], state["batch_in_epoch"], rank0["excluded"]) == (1, STOP_ON_ONE - end0, None)
     epoch1_on_one = _keys(rank0["consumed"])
-    log = _ok(deepspeed_train(cfg, f"--train.max_steps={END}", nproc=2))
+    log = _ok(fork_train(cfg, f"--train.max_steps={END}", nproc=2))
     assert "world size 1 -> 2: epoch 1 goes on without the 2 pairs trained in it so far: 7 micro-batches " \
            "per rank, 2 pairs left over" in log, log[-4000:]
     state, ranks = _position(ckpt, END)
