@@ -1,13 +1,15 @@
 """A video world where alignment can be measured: motion to the left or to the right, an oracle, a sampler.
 
-The video counterpart of tools/toy_world.py. Clips are latent [C, F, H, W] = [4, 3, 8, 8] (Wan's CFHW
+The video counterpart of tools/toy_world.py. Clips are latent [C, F, H, W] = [4, F, 2, 4] (Wan's CFHW
 layout). One fixed sign pattern P [C, H, W] (amplitude 0.8, one sign per channel and column, the same
-down the height) moves across the frames, circularly along the width, STEP = 2 pixels (one patch) per
-frame, to the right (frame f = P rolled by s + 2f) or to the left (P rolled by s − 2f), from a start s of
-STARTS = (0, 2, 4, 6), the token-aligned ones, plus Gaussian noise (0.2): eight motions. At every frame
-index the shift is uniform over the same four positions in both directions, so no single frame tells the
-direction, only the temporal order does; and a clip moving right read backwards is the clip moving left
-from s + 4, itself one of the eight.
+down the height) moves across the frames, circularly along the width, STEP = 1 pixel per frame, to the
+right (frame f = P rolled by s + f) or to the left (P rolled by s − f), from any of the W starts, plus
+Gaussian noise (0.2): 2·W motions. At every frame index the roll is uniform over the same W positions in
+both directions, so no single frame tells the direction, only the temporal order does; and a clip moving
+right read backwards is the clip moving left from s + F − 1, itself one of the world's.
+
+The transformer sees a frame as one token (patch (1, H, W)): the direction is a relation between the F
+tokens of a clip, which its self-attention and Wan's temporal RoPE carry.
 
 The oracle compares a clip with the eight clean templates and reads the direction of the nearest; a clip
 farther than RMS ON_MANIFOLD_RMS from every template (a diverged sampler, a blend of two motions, frames
@@ -46,29 +48,31 @@ from toy_world import compare
 FAMILY = "wan"
 DIRECTIONS = ("right", "left")
 PATTERN_SEED = 20240602
-C, F, H, W = 4, 3, 8, 8
+C, F, H, W = 4, 3, 2, 4
 CLIP_SHAPE = (C, F, H, W)
 AMPLITUDE, SPREAD = 0.8, 0.2
-STEP = 2  # pixels per frame: one patch (Wan patches 2x2), so a token's content reappears one token over in the next frame
-# The token-aligned starts: every motion along the lattice of patches, whatever frame it starts at, is one
-# of the world's. The transformer knows positions only relative to each other (3-D RoPE, no absolute
-# embedding), so a world that allowed some positions only at some frame indices (starts 0 and 4 alone)
-# was sampled as motions starting anywhere, mostly off its manifold (README, "The video world").
-STARTS = (0, 2, 4, 6)
-# Flow matching with Wan's own shift, 3. The clip is one pattern spread over all 192 elements, so its
-# motion survives much noise: the exact posterior picks it with probability 0.65 at σ = 0.9, 0.42 at
-# 0.93, 0.98 at 0.8. With σ uniform, a tenth of training and of the sampler's steps fall where the motion
-# is chosen; shift 3 gives that region a quarter of both (README: 0% of samples on the manifold -> 18-29%).
+STEP = 1  # pixels per frame
+# Every start: at every frame index the pattern's position is uniform over all W rolls in both directions.
+STARTS = tuple(range(W))
+# Flow matching with Wan's own shift, 3: the motion is chosen at high σ (the clip's 96 elements carry it
+# together), and the shift puts more of training and of the sampler's steps there.
 VIDEO_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                           "shift": 3.0}
-# The wan family's tiny transformer made wider (4 heads of 16, not 2 of 12; ffn 128, not 32: 141,008
-# parameters, not 20,600): the tiny one put no sample on the manifold after 800 SFT steps.
-VIDEO_TRANSFORMER_CONFIG = {**TINY_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 16,
-                            "ffn_dim": 128}
+# The wan family's tiny transformer with one token per frame: patch (1, H, W) covers a whole frame, so a
+# token holds one frame's C·H·W = 32 values and the blocks' self-attention runs across the F frames (the
+# temporal axis of Wan's 3-D RoPE). Inner width 2 heads of 32 = 64 >= 32: the velocity target carries the
+# noise, full rank, so a token must be at least as wide as its patch (an 8x8 frame in one token of 64
+# learned nothing, README). With 2x2 patches (the world before, 48 tokens a clip) the model had to relate
+# tokens across frames by their spatial offsets, which head dim 16 gives 2 RoPE frequencies per axis, and
+# its samples had right frames in positions that made no one motion (README, "The video world").
+VIDEO_TRANSFORMER_CONFIG = {**TINY_TRANSFORMER_CONFIG, "patch_size": [1, H, W], "num_attention_heads": 2,
+                            "attention_head_dim": 32, "ffn_dim": 128}
 # A clip counts as on the data's manifold when its RMS distance to the nearest template is below this.
-# The data's is the noise, 0.2 (the exact posterior mean's Euler samples: 0.14-0.17); the nearest
-# templates of opposite directions (the same start) share frames 0 and 2 and lie RMS 0.65 apart, so a
-# blend of the two lies 0.33 from both and counts as neither.
+# The data's is the noise, SPREAD = 0.2. The nearest templates of opposite directions (the same start)
+# differ in frame 1 alone (rolls s + 1 and s − 1; frame 2, s ± 2, is the same roll mod 4), where the
+# pattern and its roll by 2 differ in 10 of 16 signs: RMS 2·0.8·sqrt(10/16 / 3) = 0.73 apart, so a blend
+# of the two lies 0.37 from both and counts as neither; the pattern standing still lies 1.03 from every
+# motion (tests/test_video_world.py checks these).
 ON_MANIFOLD_RMS = 0.3
 
 
@@ -187,7 +191,8 @@ def generate(transformer, *, num_samples: int, num_steps: int = NUM_SAMPLING_STE
     out = []
     for x in x_all.split(batch_size):
         n = len(x)
-        kwargs = family.sampling_kwargs(kwargs_one, n, torch.float32)
+        # the one prompt for the whole batch: attention broadcasts it (the same numbers as n copies, faster)
+        kwargs = family.sampling_kwargs(kwargs_one, 1, torch.float32)
         for i in range(num_steps):
             timestep = (s[i] * family.num_train_timesteps).expand(n)
             v = transformer(x, timestep, **kwargs, return_dict=False)[0]
