@@ -4,9 +4,10 @@ The video world of tools/video_world.py, end to end through the real launcher, w
 stage runner (its Console, launcher command, cache and DPO stages):
 
   1. data        2048 pairs: a clip moving `--prefer` (right) against the same clip reversed in time,
-                 and a fresh small Wan transformer (CFHW latents [4, 3, 8, 8], flow matching, shift 3)
-  2. reference   that transformer trained on both clips of every pair (loss.type=sft, ZeRO-2, cosine
-                 decay of the learning rate): it samples both directions
+                 and a fresh small Wan transformer (CFHW latents [4, 2, 2, 4], one token a frame,
+                 flow matching, shift 3)
+  2. reference   that transformer trained on both clips of every pair (loss.type=sft, ZeRO-2, lr 1e-2
+                 with cosine decay to 0): it samples both directions
   3. cache       tools/precompute_ref.py: the reference's errors for every pair and draw, once
   4. policy      Diffusion-DPO from the reference on ZeRO-3, reference.mode=cache, objective dpo+sft
   5. evaluation  flow-matching Euler samples of reference and policy from the same initial noise, scored
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="runs/demo-video")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--prefer", default="right", choices=video_world.DIRECTIONS)
-    p.add_argument("--sft-steps", type=int, default=600)
-    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--sft-steps", type=int, default=400)
+    p.add_argument("--sft-lr", type=float, default=1e-2)
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--checkpoint-every", type=int, default=30)
     p.add_argument("--beta", type=float, default=500.0)

@@ -11,7 +11,7 @@ samples on the data's manifold (the oracle's on_manifold, nothing clipped) and t
                                     [--ffn N] [--lr LR] [--steps N] [--evals 200,400] [--num-samples N]
 
 The defaults are the world's and make demo-video's (video_world.VIDEO_TRANSFORMER_CONFIG, 64 clips a step,
-lr 5e-3). `--frames` changes the world's frame count and `--patch` the transformer's patch, for the
+lr 1e-2, 400 steps). `--frames` changes the world's frame count and `--patch` the transformer's patch, for the
 comparisons in README; everything else is the world as the repository defines it.
 """
 
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=cfg["attention_head_dim"])
     p.add_argument("--layers", type=int, default=cfg["num_layers"])
     p.add_argument("--ffn", type=int, default=cfg["ffn_dim"])
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64, help="clips a step")
     p.add_argument("--evals", default="", help="steps to evaluate at besides the last, e.g. 200,400")
     p.add_argument("--num-samples", type=int, default=256)
