@@ -128,7 +128,7 @@ def strip(path: Path, ref, pol, prefer: str, num_clips: int = 4) -> None:
     import matplotlib.pyplot as plt
 
     F = video_world.F
-    fig, axes = plt.subplots(2, num_clips * F, figsize=(0.75 * num_clips * F, 2.4))
+    fig, axes = plt.subplots(2, num_clips * F, figsize=(max(7.0, 0.9 * num_clips * F), 2.6))
     for row, (name, samples) in enumerate((("reference", ref), ("policy", pol))):
         for k in range(num_clips):
             verdict = _verdict(samples[k])
@@ -144,7 +144,7 @@ def strip(path: Path, ref, pol, prefer: str, num_clips: int = 4) -> None:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"sampled clips, frames left to right, same initial noise per column "
+    fig.suptitle(f"sampled clips, frames left to right, same initial noise per column\n"
                  f"(green: moves {prefer}; '-': near no motion)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
