@@ -9,6 +9,10 @@ samples on the data's manifold (the oracle's on_manifold, nothing clipped) and t
 
   python tools/video_world_sweep.py [--frames F] [--patch T,H,W] [--heads N] [--head-dim D] [--layers L]
                                     [--ffn N] [--lr LR] [--steps N] [--evals 200,400] [--num-samples N]
+                                    [--init TRANSFORMER_DIR] [--only right|left]
+
+`--init DIR --only right` fine-tunes a trained reference on one direction's clips alone: how fast plain
+training on the preferred data moves the sampled direction (README, "The video world").
 
 The defaults are the world's and make demo-video's (video_world.VIDEO_TRANSFORMER_CONFIG, 64 clips a step,
 lr 1e-2, 400 steps). `--frames` changes the world's frame count and `--patch` the transformer's patch, for the
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evals", default="", help="steps to evaluate at besides the last, e.g. 200,400")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="start from this transformer folder (e.g. a demo's DIR/reference/transformer), "
+                                   "not a fresh one; its config wins over the model options")
+    p.add_argument("--only", choices=vw.DIRECTIONS, help="train on clips of this direction alone (both by default)")
     a = p.parse_args(argv)
 
     set_frames(a.frames)
@@ -68,15 +75,21 @@ def main(argv: list[str] | None = None) -> int:
               "num_layers": a.layers, "ffn_dim": a.ffn}
     family = vw.video_family()
     torch.manual_seed(a.seed)
-    model = family.denoiser_from_config(config).train()
-    templates = vw.templates().flatten(0, 1)  # every motion, both directions: the SFT reference's data
+    if a.init:
+        model = vw.load_transformer(a.init).train()
+        config = dict(model.config)
+    else:
+        model = family.denoiser_from_config(config).train()
+    # every motion, both directions (the SFT reference's data), or one direction's alone
+    templates = vw.templates()[vw.DIRECTIONS.index(a.only)] if a.only else vw.templates().flatten(0, 1)
     # the one prompt, batch 1: attention broadcasts it over the batch (the same numbers as copies)
     prompt = family.sampling_kwargs({k: t.float() for k, t in vw.prompt_conditioning().items()}, 1, torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed + 1)
     evals = sorted({int(x) for x in a.evals.split(",") if x} | {a.steps})
-    setting = {"frames": a.frames, "patch": patch, "heads": a.heads, "head_dim": a.head_dim, "layers": a.layers,
-               "ffn": a.ffn, "lr": a.lr, "batch": a.batch, "steps": a.steps, "seed": a.seed,
+    setting = {"frames": a.frames, "patch": config["patch_size"], "heads": config["num_attention_heads"],
+               "head_dim": config["attention_head_dim"], "layers": config["num_layers"], "ffn": config["ffn_dim"], "lr": a.lr, "batch": a.batch, "steps": a.steps, "seed": a.seed,
+               "init": a.init, "only": a.only,
                "params": sum(q.numel() for q in model.parameters())}
     print(json.dumps({"setting": setting}), flush=True)
     t0, smooth = time.time(), None
