@@ -65,6 +65,18 @@ def test_noise_frozen_frames_and_blends_are_off_the_manifold():
     assert not vw.on_manifold(blends).any()
 
 
+def test_the_on_manifold_threshold_separates_data_from_blends():
+    # README and video_world.ON_MANIFOLD_RMS state these: the data's noise is below the threshold, the
+    # nearest templates of opposite directions lie more than twice it apart (their blend is off), and a
+    # frozen clip is as far
+    d = vw.template_distances(vw.templates().flatten(0, 1)).flatten(1).sqrt()  # [2S, 2S]
+    n = len(vw.STARTS)
+    opposite = d[:n, n:].min().item()
+    assert vw.SPREAD < vw.ON_MANIFOLD_RMS < opposite / 2
+    still = torch.stack([vw.pattern()] * vw.F, dim=1)[None]
+    assert vw.template_distances(still).sqrt().min().item() >= opposite - 1e-6
+
+
 def test_data_writes_wan_shards_of_pairs_reversed_in_time(tmp_path):
     from dpo_ds.data import EMPTY_PROMPT_NAME
 

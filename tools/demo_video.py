@@ -4,9 +4,10 @@ The video world of tools/video_world.py, end to end through the real launcher, w
 stage runner (its Console, launcher command, cache and DPO stages):
 
   1. data        2048 pairs: a clip moving `--prefer` (right) against the same clip reversed in time,
-                 and a fresh small Wan transformer (CFHW latents [4, 3, 8, 8], flow matching, shift 3)
-  2. reference   that transformer trained on both clips of every pair (loss.type=sft, ZeRO-2, cosine
-                 decay of the learning rate): it samples both directions
+                 and a fresh small Wan transformer (CFHW latents [4, 2, 2, 4], one token a frame,
+                 flow matching, shift 3)
+  2. reference   that transformer trained on both clips of every pair (loss.type=sft, ZeRO-2, lr 1e-2
+                 with cosine decay to 0): it samples both directions
   3. cache       tools/precompute_ref.py: the reference's errors for every pair and draw, once
   4. policy      Diffusion-DPO from the reference on ZeRO-3, reference.mode=cache, objective dpo+sft
   5. evaluation  flow-matching Euler samples of reference and policy from the same initial noise, scored
@@ -32,10 +33,21 @@ sys.path.insert(0, str(REPO / "tools"))
 import demo  # noqa: E402  (a sibling script: the stage runner)
 import video_world  # noqa: E402
 from toy_world import bootstrap_difference  # noqa: E402
-from demo import DPO_SCALARS, GAP_W_WARNING, OBJECTIVES, Console, _duration, _plots, _scalars, _shown  # noqa: E402
+from demo import DPO_SCALARS, GAP_W_WARNING, Console, _duration, _plots, _scalars, _shown  # noqa: E402
 
-NUM_PAIRS = demo.NUM_PAIRS
+# This world's own settings, passed explicitly to every stage: tools/demo.py's defaults and the run
+# config's (β, learning rates, objective, batch) may change for the image demo without changing this one.
+NUM_PAIRS = 2048
+MICRO_BATCH = 16  # pairs per rank per step: 64 clips a step on 2 ranks
 DENOISER = "transformer"
+# The objectives this demo can train: name -> (what it is, overrides of the DPO run). Every DPO setting the
+# result depends on is pinned here, not taken from the config's defaults.
+PINNED_DPO = ["--loss.type=dpo", "--loss.loser_weight=1", "--loss.winner_hinge=0", "--optim.warmup_steps=0",
+              "--optim.schedule=constant", "--optim.weight_decay=0", "--train.grad_clip=1"]
+OBJECTIVES = {
+    "dpo": ("Diffusion-DPO, the paper's loss", PINNED_DPO + ["--loss.sft_weight=0"]),
+    "dpo+sft": ("plus an SFT term on winners, weight 1", PINNED_DPO + ["--loss.sft_weight=1"]),
+}
 
 
 class VideoDemo(demo.Demo):
@@ -47,6 +59,8 @@ class VideoDemo(demo.Demo):
         base = yaml.safe_load((self.out / "base.yaml").read_text())
         base["data"]["shards"] = str(self.data / "shards")
         base["model"]["family"] = "wan"  # its σ law and shift: the scheduler's (video_world.VIDEO_SCHEDULER_CONFIG)
+        base["model"]["sigma_density"] = "uniform"
+        base["train"]["micro_batch_size"] = MICRO_BATCH
         (self.out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
 
     def write_data(self) -> str:
@@ -68,12 +82,17 @@ class VideoDemo(demo.Demo):
                                                       f"--optim.lr={a.sft_lr}", "--optim.warmup_steps=20",
                                                       # decayed to 0 at the end: the samples' distance to
                                                       # the motions falls most in the last, slow steps
-                                                      "--optim.schedule=cosine",
+                                                      "--optim.schedule=cosine", "--optim.min_lr_ratio=0",
+                                                      "--optim.weight_decay=0", "--train.grad_clip=1",
                                                       f"--checkpoint.every_steps={steps}"],
                          self.env, out / "logs" / "sft.log", bar="train")
         shutil.rmtree(self.reference, ignore_errors=True)
         shutil.copytree(out / "sft" / "export" / DENOISER, self.reference / DENOISER)
         shutil.copytree(self.data / "model" / "scheduler", self.reference / "scheduler")
+
+    def num_draws(self) -> int:
+        """Enough cached draws that no pair is trained twice on one draw."""
+        return -(-self.args.dpo_steps * MICRO_BATCH * self.nproc // NUM_PAIRS)
 
     def sample(self, models: list, desc: str) -> list:
         a = self.args
@@ -87,9 +106,10 @@ def _rate(samples, prefer: str) -> float:
 
 
 def _frame_image(x_CHW):
-    """An 8x8 latent frame as a 64x64 RGB image: channels 0-2, the pattern's +-0.8 mapped to 0-1."""
+    """A latent frame [C, H, W] as an RGB image 16 times its size: channels 0-2, the pattern's +-0.8
+    mapped to 0.25-0.75."""
     img = (x_CHW[:3].permute(1, 2, 0).float() / (4 * video_world.AMPLITUDE) + 0.5).clamp(0, 1)
-    return img.repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
+    return img.repeat_interleave(16, 0).repeat_interleave(16, 1).numpy()
 
 
 def _verdict(x) -> str:
@@ -108,7 +128,7 @@ def strip(path: Path, ref, pol, prefer: str, num_clips: int = 4) -> None:
     import matplotlib.pyplot as plt
 
     F = video_world.F
-    fig, axes = plt.subplots(2, num_clips * F, figsize=(0.75 * num_clips * F, 2.4))
+    fig, axes = plt.subplots(2, num_clips * F, figsize=(max(7.0, 0.9 * num_clips * F), 2.6))
     for row, (name, samples) in enumerate((("reference", ref), ("policy", pol))):
         for k in range(num_clips):
             verdict = _verdict(samples[k])
@@ -124,7 +144,7 @@ def strip(path: Path, ref, pol, prefer: str, num_clips: int = 4) -> None:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"sampled clips, frames left to right, same initial noise per column "
+    fig.suptitle(f"sampled clips, frames left to right, same initial noise per column\n"
                  f"(green: moves {prefer}; '-': near no motion)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -136,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="runs/demo-video")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--prefer", default="right", choices=video_world.DIRECTIONS)
-    p.add_argument("--sft-steps", type=int, default=600)
-    p.add_argument("--sft-lr", type=float, default=2e-3)
+    p.add_argument("--sft-steps", type=int, default=400)
+    p.add_argument("--sft-lr", type=float, default=1e-2)
     p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--checkpoint-every", type=int, default=30)
     p.add_argument("--beta", type=float, default=500.0)
