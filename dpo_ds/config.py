@@ -195,8 +195,11 @@ class LossConfig(_Section):
     """Scale of the gradient through the loser's error (1: the paper's DPO; 0: the loser only
     weights the sigmoid). Lowering it guards against raising the loser's error in ways that do
     not move samples away from it."""
-    sft_weight: float = Field(0.0, ge=0)
-    """Add sft_weight x mean(e_w): keep denoising the preferred images well."""
+    sft_weight: float = Field(1.0, ge=0)
+    """Add sft_weight x mean(e_w): keep denoising the preferred images well. 1 by default (dpo+sft, the
+    README's recommendation): beside the DPO term's gradient on e_w, β/2·σ (1250 at σ = 1/2, β = 5000), it
+    is negligible until the sigmoid saturates; then it is what is left, and keeps the samples on the data
+    (README, "Does it work?"). 0: the paper's loss alone."""
     winner_hinge: float = Field(0.0, ge=0)
     """Add winner_hinge x mean(max(0, e_w - r_w)): penalise getting worse than the reference on winners."""
     ipo_margin: float = Field(1.0, gt=0)

@@ -62,12 +62,13 @@ GAP_W_WARNING = "train/gap_w (e_w - r_w) has been above zero"
 MANIFOLD_WARNING = "samples may be leaving the data"  # dpo_ds.metrics.ManifoldWatch
 
 # The objectives the comparison trains: name -> (what it is, overrides of the DPO run).
+# Each names its loss.sft_weight: the config's default (1) is dpo+sft's.
 OBJECTIVES = {
-    "dpo": ("Diffusion-DPO, the paper's loss", []),
+    "dpo": ("Diffusion-DPO, the paper's loss", ["--loss.sft_weight=0"]),
     "dpo+sft": ("plus an SFT term on winners, weight 1", ["--loss.sft_weight=1"]),
-    "dpo+hinge": ("plus a hinge on e_w above r_w, weight 10", ["--loss.winner_hinge=10"]),
-    "dpo-loser0": ("no gradient through the loser's error", ["--loss.loser_weight=0"]),
-    "ipo": ("IPO-style bounded target, margin 5", ["--loss.type=ipo", "--loss.ipo_margin=5"]),
+    "dpo+hinge": ("plus a hinge on e_w above r_w, weight 10", ["--loss.sft_weight=0", "--loss.winner_hinge=10"]),
+    "dpo-loser0": ("no gradient through the loser's error", ["--loss.sft_weight=0", "--loss.loser_weight=0"]),
+    "ipo": ("IPO-style bounded target, margin 5", ["--loss.sft_weight=0", "--loss.type=ipo", "--loss.ipo_margin=5"]),
 }
 # Two-sided 95% Student t quantiles by degrees of freedom, for intervals over a handful of seeds.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
