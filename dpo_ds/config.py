@@ -315,7 +315,7 @@ class LoggingConfig(_Section):
     gap_w_window: int = Field(50, ge=1)
     """Warn when train/gap_w (e_w - r_w) stayed above zero for this many steps in a row:
     the policy is getting worse on what was preferred."""
-    loser_gap_ratio: float = Field(20.0, gt=0)
+    loser_gap_ratio: float = Field(30.0, gt=0)
     """Warn (samples may be leaving the data) when, averaged over logging.manifold_window steps, the policy's
     error on losers rose above the reference's (train/gap_l) more than this many times as much as its error
     on winners fell below it (-train/gap_w); dpo_ds.metrics.ManifoldWatch."""
