@@ -43,7 +43,8 @@ def table(results: list[dict]) -> str:
             runs = row["runs"]
             n = len(runs)
             lo, hi = row["ci95_over_seeds"]
-            interval = f"[{lo:+.3f}, {hi:+.3f}]" if n > 1 else f"[{runs[0]['ci95'][0]:+.3f}, {runs[0]['ci95'][1]:+.3f}] (one seed, bootstrap)"
+            interval = (f"[{lo:+.3f}, {hi:+.3f}]" if n > 1 else
+                        f"[{runs[0]['ci95'][0]:+.3f}, {runs[0]['ci95'][1]:+.3f}] (one seed, bootstrap)")
             lines.append(
                 f"| {t['world']} | {t['agreement']:.0%} | {name} | {row['mean_difference']:+.3f} {interval} | "
                 f"{sum(r['rate'] for r in runs) / n:.3f} (ref {t['reference_rate']:.3f}) | "

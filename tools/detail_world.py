@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--num-pairs", type=int, default=2048)
     d.add_argument("--pairs-per-shard", type=int, default=64)
     d.add_argument("--prefer", default="A", choices=("A", "B"))
-    d.add_argument("--agreement", type=float, default=1.0, help="share of pairs ordered by the oracle; the rest flipped")
+    d.add_argument("--agreement", type=float, default=1.0,
+                   help="share of pairs ordered by the oracle; the rest flipped")
     d.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval")
     e.add_argument("--reference", required=True, help="the reference's unet folder")
