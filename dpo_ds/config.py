@@ -320,7 +320,7 @@ class LoggingConfig(_Section):
     error on losers rose above the reference's (train/gap_l) more than this many times as much as its error
     on winners fell below it (-train/gap_w); dpo_ds.metrics.ManifoldWatch."""
     manifold_window: int = Field(20, ge=1)
-    """Steps the loser_gap_ratio warning averages over."""
+    """Logged steps (logging.every_steps apart) the loser_gap_ratio warning averages over."""
     progress: bool = True
     """Console progress bar with ETA on rank 0."""
     peak_tflops: float | str | None = None
