@@ -121,11 +121,11 @@ class ManifoldWatch:
         if gap_l <= self.ratio * max(-gap_w, 0.0) or gap_l <= self.min_rel * ref_err_l:
             return None
         self.has_warned = True
-        winners = (f"fell only {-gap_w:.3g} below it ({gap_l / -gap_w:.0f} times less" if gap_w < 0 else
+        winners = (f"fell only {-gap_w:.3g} below it ({gap_l / -gap_w:.0f} times less; " if gap_w < 0 else
                    "did not fall below it (")
         return (f"samples may be leaving the data: over the last {self.window} logged steps the policy's error on "
                 f"rejected images rose {gap_l:.3g} above the reference's ({gap_l / ref_err_l:.0%} of it), while on "
-                f"preferred ones it {winners}; logging.loser_gap_ratio = {self.ratio:g}). The objective is being "
+                f"preferred ones it {winners}logging.loser_gap_ratio = {self.ratio:g}). The objective is being "
                 "met by making rejected images worse, which can push samples off the data's manifold with no sign "
                 "in implicit accuracy, loss or gap_w; check samples, and raise dpo.beta or add loss.sft_weight.")
 
