@@ -13,7 +13,7 @@ TEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo
 DEMO_VIDEO_DIR ?= runs/demo-video
 
-.PHONY: venv demo demo-video demo-objectives test test-fast bench clean
+.PHONY: venv demo demo-video demo-objectives demo-worlds test test-fast bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@echo "make: creating $(VENV) with torch and dpo_ds (first use only, a few minutes)"
@@ -38,6 +38,12 @@ demo-video: venv
 demo-objectives: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo.py --output-dir $(DEMO_DIR) --nproc $(NPROC) \
 		--objectives all --seeds 0,1,2
+
+# Worlds x objectives x seeds (tools/demo_worlds.py): the comparison above in the toy world with 100%, 75% and
+# 60% of labels agreeing with its oracle and in the detail world with 90% (hours on 2 CPU cores: a benchmark).
+DEMO_WORLDS_DIR ?= runs/worlds
+demo-worlds: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo_worlds.py --output-dir $(DEMO_WORLDS_DIR) --nproc $(NPROC)
 
 test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests

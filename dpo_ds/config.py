@@ -195,8 +195,11 @@ class LossConfig(_Section):
     """Scale of the gradient through the loser's error (1: the paper's DPO; 0: the loser only
     weights the sigmoid). Lowering it guards against raising the loser's error in ways that do
     not move samples away from it."""
-    sft_weight: float = Field(0.0, ge=0)
-    """Add sft_weight x mean(e_w): keep denoising the preferred images well."""
+    sft_weight: float = Field(1.0, ge=0)
+    """Add sft_weight x mean(e_w): keep denoising the preferred images well. 1 by default (dpo+sft, the
+    README's recommendation): beside the DPO term's gradient on e_w, β/2·σ (1250 at σ = 1/2, β = 5000), it
+    is negligible until the sigmoid saturates; then it is what is left, and keeps the samples on the data
+    (README, "Does it work?"). 0: the paper's loss alone."""
     winner_hinge: float = Field(0.0, ge=0)
     """Add winner_hinge x mean(max(0, e_w - r_w)): penalise getting worse than the reference on winners."""
     ipo_margin: float = Field(1.0, gt=0)
@@ -312,6 +315,12 @@ class LoggingConfig(_Section):
     gap_w_window: int = Field(50, ge=1)
     """Warn when train/gap_w (e_w - r_w) stayed above zero for this many steps in a row:
     the policy is getting worse on what was preferred."""
+    loser_gap_ratio: float = Field(30.0, gt=0)
+    """Warn (samples may be leaving the data) when, averaged over logging.manifold_window steps, the policy's
+    error on losers rose above the reference's (train/gap_l) more than this many times as much as its error
+    on winners fell below it (-train/gap_w); dpo_ds.metrics.ManifoldWatch."""
+    manifold_window: int = Field(20, ge=1)
+    """Logged steps (logging.every_steps apart) the loser_gap_ratio warning averages over."""
     progress: bool = True
     """Console progress bar with ETA on rank 0."""
     peak_tflops: float | str | None = None

@@ -19,7 +19,7 @@ from dpo_ds.config import RunConfig
 from dpo_ds.data import PairLoader, ShardInfo, list_shards, prompt_dropout
 from dpo_ds.dtypes import DTYPES
 from dpo_ds.losses import bucket_sums, preference_loss, sft_loss
-from dpo_ds.metrics import GapWatch, Metrics, Window, perf_scalars
+from dpo_ds.metrics import GapWatch, ManifoldWatch, Metrics, Window, perf_scalars
 from dpo_ds.models.family import Family
 
 log = logging.getLogger("dpo_ds")
@@ -105,6 +105,7 @@ class Trainer:
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
         self.gap_watch = GapWatch(cfg.logging.gap_w_window)
+        self.manifold_watch = ManifoldWatch(cfg.logging.manifold_window, cfg.logging.loser_gap_ratio)
         if val_shards is not None:
             # Held-out pairs at a fixed draw (index 0), one pass in-process.
             self.val_loader = PairLoader(
@@ -207,9 +208,10 @@ class Trainer:
                     if not self.is_checking_each_loss:
                         self._check_nonfinite_window(int(scalars["train/nonfinite"]))
                     metrics.scalars(state.step, scalars)
-                    warning = self.gap_watch.message(state.step, scalars)
-                    if warning is not None:
-                        metrics.text(state.step, "warnings/gap_w", warning)
+                    for tag, watch in (("warnings/gap_w", self.gap_watch), ("warnings/manifold", self.manifold_watch)):
+                        warning = watch.message(state.step, scalars)
+                        if warning is not None:
+                            metrics.text(state.step, tag, warning)
                     self._check_bad_fraction()
                     window = Window()
                 if cfg.data.val_every and (state.step % cfg.data.val_every == 0 or state.step == cfg.train.max_steps):

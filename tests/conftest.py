@@ -64,6 +64,7 @@ def write_run_config(path: Path, tiny: Path, output_dir: Path, **sections) -> Pa
         "model": {"pretrained_path": str(tiny / "model")},
         "data": {"shards": str(tiny / "shards"), "resolution": 64, "num_workers": 1, "shuffle_buffer": 8},
         "dpo": {"beta": 500.0},
+        "loss": {"sft_weight": 0.0},  # the paper's loss alone: at step 1 (policy = reference) it is log 2
         "train": {"micro_batch_size": 2, "max_steps": 4},
         "optim": {"lr": 1.0e-4},
         "checkpoint": {"every_steps": 2, "keep_last": 2},

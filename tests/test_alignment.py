@@ -3,11 +3,18 @@
 Reference: a tiny UNet trained on both modes (loss.type=sft); policy: Diffusion-DPO from it with
 the demo's default objective, through the deepspeed launcher with 2 processes and the reference
 cache; samples scored by the toy's oracle against the reference's, from the same initial noise.
+The beta = 50 failure and the noisy-label world (a quarter of the labels flipped) reuse the
+reference: flipping labels changes no image.
+
+DPO_DS_EFFICACY=1 also runs the long efficacy checks (tests/test_efficacy.py's, and here the noisy
+world's, both directions): over the suite's budget, and expected to fail until the README's figures
+for those worlds pass the bar.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +26,7 @@ from conftest import REPO, env
 
 pytestmark = pytest.mark.slow
 
+IS_EFFICACY = bool(os.environ.get("DPO_DS_EFFICACY"))
 FEWER_STEPS = ["--sft-steps", "300", "--dpo-steps", "40", "--checkpoint-every", "20", "--num-samples", "256"]
 
 
@@ -54,6 +62,54 @@ def test_reversed_preferences_move_the_other_way(preferring_a, tmp_path):
     on_manifold = result_a["on_manifold"]["reference"]
     assert result_b["reference_rate"] + result_a["reference_rate"] == pytest.approx(on_manifold)
     assert result_b["difference"] >= 0.10 and result_b["ci95"][0] > 0, result_b
+
+
+def _passes_the_bar(result: dict) -> None:
+    """The alignment bar: 10 points or more, the interval above zero, 95% of samples on the manifold (a gain
+    bought by fading what was rejected does not count)."""
+    assert result["on_manifold"]["policy"] >= 0.95, result
+    assert result["difference"] >= 0.10 and result["ci95"][0] > 0, result
+
+
+# A quarter of the labels flipped. DPO's optimum then holds the margin at beta/2 x |z| = log(0.75 / 0.25): at the
+# demo's beta = 500 that leaves the policy at the reference (+0.020 in 150 steps, README); beta = 50 allows 10x more.
+NOISY = ["--agreement", "0.75", "--beta", "50", "--live-steps", "0", "--checkpoint-every", "40"]
+
+
+NOT_YET = pytest.mark.xfail(reason="not reached yet: with a quarter of the labels flipped, dpo+sft moved the rate by "
+                                   "+0.020 at beta = 500 and +0.016 at beta = 50 in 150 steps (README)")
+
+
+@pytest.mark.skipif(not IS_EFFICACY, reason="a long efficacy run, known not to pass yet (README, 'Not done yet'); "
+                                           "DPO_DS_EFFICACY=1 runs it")
+@NOT_YET
+def test_noisy_labels_still_move_samples_to_the_preferred_mode(preferring_a, tmp_path):
+    """A quarter of the labels flipped (75% agree with the oracle): the recommended objective still passes."""
+    out_a, _, _ = preferring_a
+    result, _ = _demo(tmp_path, *NOISY, "--reference", str(out_a / "reference"))
+    _passes_the_bar(result)
+
+
+@pytest.mark.skipif(not IS_EFFICACY, reason="a long efficacy run, known not to pass yet (README, 'Not done yet'); "
+                                           "DPO_DS_EFFICACY=1 runs it")
+@NOT_YET
+def test_noisy_labels_reversed_move_the_other_way(preferring_a, tmp_path):
+    out_a, _, _ = preferring_a
+    result, _ = _demo(tmp_path, *NOISY, "--prefer", "B", "--reference", str(out_a / "reference"))
+    _passes_the_bar(result)
+
+
+def test_the_manifold_warning_fires_at_beta_50_and_not_on_the_demos_run(preferring_a, tmp_path):
+    """The oracle-free warning (dpo_ds.metrics.ManifoldWatch) of the README's beta = 50 failure (plain DPO,
+    samples leaving the data while gap_w stays negative); the demo's run does not raise it."""
+    _, result_a, _ = preferring_a
+    assert not result_a["manifold_warning"]
+    result, terminal = _demo(tmp_path, "--objective", "dpo", "--beta", "50", "--reference",
+                             str(preferring_a[0] / "reference"), "--live-steps", "0", "--checkpoint-every", "40",
+                             "--num-samples", "64")  # the warning is the point here, not the samples
+    assert result["manifold_warning"], result
+    assert "WARNING: samples may be leaving the data" in terminal
+    assert not result["gap_w_warning"]  # the failure the gap_w watch does not see
 
 
 def test_report_files_are_real_plots(preferring_a):

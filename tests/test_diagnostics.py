@@ -72,3 +72,26 @@ def test_gap_watch_warns_once_after_the_window_and_resets():
     assert [i for i, m in enumerate(said, 1) if m] == [6]  # steps 4, 5, 6 in a row; not again at 7
     assert "above zero for 3 steps" in said[5]
     assert watch.message(8, {"train/loss": 0.5}) is None  # an SFT run logs no gap_w
+
+
+def test_manifold_watch_warns_once_when_losers_get_worse_far_more_than_winners_better():
+    """The oracle-free warning of samples leaving the data: over a full window, mean gap_l above ratio x
+    mean −gap_w and above MANIFOLD_MIN_REL of the reference's error on losers; once."""
+    from dpo_ds.metrics import MANIFOLD_MIN_REL, ManifoldWatch
+
+    def said(values, window=3, ratio=20.0):
+        watch = ManifoldWatch(window, ratio)
+        out = [watch.message(step, {"train/gap_w": gw, "train/gap_l": gl, "train/ref_err_l": 1.0})
+               for step, (gw, gl) in enumerate(values, 1)]
+        return [step for step, m in enumerate(out, 1) if m], out
+
+    healthy = [(-0.05, 0.6)] * 6  # losers 12x worse than winners better: the demo's kind of run
+    assert said(healthy)[0] == []
+    failing = [(-0.05, 0.6)] * 2 + [(-0.01, 0.8)] * 5  # 80x: the beta = 50 kind
+    steps, out = said(failing)
+    assert steps == [4]  # steps 2-4 average 31x (steps 1-3, 16x), and only once
+    assert "samples may be leaving the data" in out[3] and "logging.loser_gap_ratio = 20" in out[3]
+    # a large ratio on a small change says nothing: below MANIFOLD_MIN_REL of the reference's error
+    assert said([(-0.001, 0.9 * MANIFOLD_MIN_REL)] * 5)[0] == []
+    assert said([(+0.01, 0.9)] * 5)[0] == [3]  # winners worse too: certainly (gap_w's own watch warns as well)
+    assert ManifoldWatch(3, 20.0).message(1, {"train/loss": 0.5}) is None  # an SFT run logs no gaps

@@ -48,21 +48,27 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-import toy_world  # noqa: E402  (a sibling script, not a package)
+import detail_world  # noqa: E402  (sibling scripts, not a package)
+import toy_world  # noqa: E402
+
+# The worlds a demo can run in: each writes pairs and judges samples (oracle, manifold) its own way.
+WORLDS = {"toy": toy_world, "detail": detail_world}
 
 NUM_PAIRS = 2048
 MICRO_BATCH = 16  # pairs per rank per step
 LIVE_STEPS = 5
 DPO_SCALARS = ("train/loss", "train/implicit_acc", "train/reward_margin", "train/gap_w", "train/gap_l")
 GAP_W_WARNING = "train/gap_w (e_w - r_w) has been above zero"
+MANIFOLD_WARNING = "samples may be leaving the data"  # dpo_ds.metrics.ManifoldWatch
 
 # The objectives the comparison trains: name -> (what it is, overrides of the DPO run).
+# Each names its loss.sft_weight: the config's default (1) is dpo+sft's.
 OBJECTIVES = {
-    "dpo": ("Diffusion-DPO, the paper's loss", []),
+    "dpo": ("Diffusion-DPO, the paper's loss", ["--loss.sft_weight=0"]),
     "dpo+sft": ("plus an SFT term on winners, weight 1", ["--loss.sft_weight=1"]),
-    "dpo+hinge": ("plus a hinge on e_w above r_w, weight 10", ["--loss.winner_hinge=10"]),
-    "dpo-loser0": ("no gradient through the loser's error", ["--loss.loser_weight=0"]),
-    "ipo": ("IPO-style bounded target, margin 5", ["--loss.type=ipo", "--loss.ipo_margin=5"]),
+    "dpo+hinge": ("plus a hinge on e_w above r_w, weight 10", ["--loss.sft_weight=0", "--loss.winner_hinge=10"]),
+    "dpo-loser0": ("no gradient through the loser's error", ["--loss.sft_weight=0", "--loss.loser_weight=0"]),
+    "ipo": ("IPO-style bounded target, margin 5", ["--loss.sft_weight=0", "--loss.type=ipo", "--loss.ipo_margin=5"]),
 }
 # Two-sided 95% Student t quantiles by degrees of freedom, for intervals over a handful of seeds.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -231,7 +237,7 @@ def _latent_image(x):
     return img.repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
 
 
-def _sample_grid(path: Path, ref, pol, prefer: str, columns: int = 12) -> None:
+def _sample_grid(path: Path, world, ref, pol, prefer: str, columns: int = 12) -> None:
     """Reference and policy samples from the same initial noise, column by column, each framed by
     the oracle's verdict (green: the preferred mode), next to the two modes' centres."""
     import matplotlib
@@ -239,7 +245,7 @@ def _sample_grid(path: Path, ref, pol, prefer: str, columns: int = 12) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a, b = toy_world.patterns()
+    a, b = world.patterns()
     fig, axes = plt.subplots(2, columns + 1, figsize=(1.1 * (columns + 1), 2.6))
     for row, (name, samples, centre) in enumerate((("reference", ref, a), ("policy", pol, b))):
         axes[row, 0].imshow(_latent_image(centre))
@@ -248,7 +254,7 @@ def _sample_grid(path: Path, ref, pol, prefer: str, columns: int = 12) -> None:
         for col in range(columns):
             ax = axes[row, col + 1]
             x = samples[col:col + 1]
-            label = ("A" if bool(toy_world.is_mode_a(x)[0]) else "B") if bool(toy_world.on_manifold(x)[0]) else "-"
+            label = world.mode_label(x)[0]
             ax.imshow(_latent_image(samples[col]))
             for side in ax.spines.values():
                 side.set_color("tab:green" if label == prefer else "tab:red")
@@ -276,7 +282,9 @@ class Demo:
         bin_dir = Path(sys.executable).parent
         self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONUNBUFFERED": "1"}
-        self.data = out / f"toy_prefer_{args.prefer}"
+        self.world = WORLDS[args.world]
+        agreement = "" if args.agreement == 1 else f"_agree{round(100 * args.agreement)}"
+        self.data = out / f"{args.world}_prefer_{args.prefer}{agreement}"
         base = {"seed": args.seed, "data": {"shards": str(self.data / "shards"), "resolution": 64, "num_workers": 1},
                 "model": {"gradient_checkpointing": False}, "train": {"micro_batch_size": MICRO_BATCH},
                 "checkpoint": {"keep_last": 100}, "logging": {"progress": True}}
@@ -293,9 +301,11 @@ class Demo:
     def write_data(self) -> str:
         if not (self.data / "model" / "scheduler" / "scheduler_config.json").is_file():
             shutil.rmtree(self.data, ignore_errors=True)  # a data folder cut off mid-write
-            toy_world.write_data(str(self.data), num_pairs=NUM_PAIRS, prefer=self.args.prefer, seed=0)
+            self.world.write_data(str(self.data), num_pairs=NUM_PAIRS, prefer=self.args.prefer, seed=0,
+                                  agreement=self.args.agreement)
         num_shards = len(list((self.data / "shards").glob("*.tar")))
-        return f"{NUM_PAIRS} pairs in {num_shards} shards and a fresh tiny UNet in {_shown(self.data)}"
+        flipped = "" if self.args.agreement == 1 else f" ({1 - self.args.agreement:.0%} of their labels flipped)"
+        return f"{NUM_PAIRS} pairs{flipped} in {num_shards} shards and a fresh tiny UNet in {_shown(self.data)}"
 
     def train_reference(self) -> None:
         out, steps = self.out, self.args.sft_steps
@@ -351,18 +361,36 @@ class Demo:
             return [toy_world.generate(unet, num_samples=a.num_samples, progress=bar) for unet in unets]
 
 
-def _rate(samples, prefer: str) -> float:
-    return toy_world.is_preferred(samples, prefer).float().mean().item()
+def _rate(world, samples, prefer: str) -> float:
+    return world.is_preferred(samples, prefer).float().mean().item()
 
 
-def summarise(pol_samples, ref_samples, prefer: str, curves: dict, log: Path) -> dict:
+def _diversity(world, samples, prefer: str) -> float:
+    """Mean pairwise RMS distance between the samples of the preferred mode (toy_world.diversity)."""
+    return toy_world.diversity(samples, world.is_preferred(samples, prefer))
+
+
+def _data_diversity(world, prefer: str, num_samples: int) -> float:
+    return _diversity(world, world.data_samples(num_samples, prefer), prefer)
+
+
+def _world_name(args) -> str:
+    name = {"toy": "toy world", "detail": "detail world"}[args.world]
+    return name if args.agreement == 1 else f"{name}, {args.agreement:.0%} of labels agreeing"
+
+
+def summarise(world, pol_samples, ref_samples, prefer: str, curves: dict, log: Path) -> dict:
     """A DPO run's effect on the sampled preferred-mode rate (paired bootstrap over samples), the
-    fraction of its samples near a mode, its last training values and whether it warned on gap_w."""
-    diff, lo, hi = toy_world.bootstrap_difference(toy_world.is_preferred(pol_samples, prefer),
-                                                  toy_world.is_preferred(ref_samples, prefer))
-    return {"difference": diff, "ci95": [lo, hi],
-            "on_manifold": toy_world.on_manifold(pol_samples).float().mean().item(),
-            "final": {k: curves[k][-1][1] for k in DPO_SCALARS}, "gap_w_warning": GAP_W_WARNING in log.read_text()}
+    fraction of its samples near a mode, their diversity within the preferred mode, its last training
+    values and whether it warned on gap_w and on the manifold."""
+    diff, lo, hi = toy_world.bootstrap_difference(world.is_preferred(pol_samples, prefer),
+                                                  world.is_preferred(ref_samples, prefer))
+    text = log.read_text()
+    return {"difference": diff, "ci95": [lo, hi], "rate": _rate(world, pol_samples, prefer),
+            "on_manifold": world.on_manifold(pol_samples).float().mean().item(),
+            "diversity": _diversity(world, pol_samples, prefer),
+            "final": {k: curves[k][-1][1] for k in DPO_SCALARS}, "gap_w_warning": GAP_W_WARNING in text,
+            "manifold_warning": MANIFOLD_WARNING in text}
 
 
 def _interval_over_seeds(values: list[float]) -> tuple[float, float, float]:
@@ -382,7 +410,8 @@ def compare_objectives(demo: Demo, names: list[str], seeds: list[int], ref_sampl
     from diffusers import UNet2DConditionModel
 
     a = demo.args
-    ref_pref = toy_world.is_preferred(ref_samples, a.prefer)
+    world = demo.world
+    ref_pref = world.is_preferred(ref_samples, a.prefer)
     rows = {}
     for name in names:
         what, overrides = OBJECTIVES[name]
@@ -394,7 +423,7 @@ def compare_objectives(demo: Demo, names: list[str], seeds: list[int], ref_sampl
                 log = demo.train_dpo(run_dir, seed, overrides, checkpoint_every=a.dpo_steps)
                 pol = demo.sample([UNet2DConditionModel.from_pretrained(str(run_dir / "export" / "unet")).eval()],
                                   "sampling")[0]
-                run = summarise(pol, ref_samples, a.prefer, _scalars(run_dir / "tensorboard"), log)
+                run = summarise(world, pol, ref_samples, a.prefer, _scalars(run_dir / "tensorboard"), log)
             runs.append({"seed": seed, **run})
             lo, hi = run["ci95"]
             demo.console.say(f"{Console.INDENT}objective {name} seed {seed}: {run['difference']:+.3f} "
@@ -402,18 +431,27 @@ def compare_objectives(demo: Demo, names: list[str], seeds: list[int], ref_sampl
         mean, lo, hi = _interval_over_seeds([r["difference"] for r in runs])
         rows[name] = {"what": what, "overrides": overrides, "mean_difference": mean, "ci95_over_seeds": [lo, hi],
                       "runs": runs}
-    table = {"prefer": a.prefer, "seeds": seeds, "dpo_steps": a.dpo_steps, "beta": a.beta, "lr": a.lr,
-             "num_samples": a.num_samples, "reference_rate": ref_pref.float().mean().item(), "objectives": rows}
+    data_div = _data_diversity(world, a.prefer, a.num_samples)
+    table = {"world": a.world, "agreement": a.agreement, "prefer": a.prefer, "seeds": seeds,
+             "dpo_steps": a.dpo_steps, "beta": a.beta, "lr": a.lr, "num_samples": a.num_samples,
+             "reference_rate": ref_pref.float().mean().item(),
+             "reference_on_manifold": world.on_manifold(ref_samples).float().mean().item(),
+             "reference_diversity": _diversity(world, ref_samples, a.prefer), "data_diversity": data_div,
+             "objectives": rows}
     (report / "objectives.json").write_text(json.dumps(table, indent=2))
-    lines = [f"# Objectives compared: rate of the preferred mode {a.prefer}, policy minus reference\n",
-             f"{a.dpo_steps} DPO steps from the same reference (its rate {table['reference_rate']:.3f}), "
-             f"beta = {a.beta}, lr = {a.lr}, seeds {', '.join(map(str, seeds))} (the run seed: data order and "
-             f"draws); {a.num_samples} samples per model from the same initial noise. Interval: 95% Student t "
-             "over the seeds; per seed, the paired bootstrap 95% interval. Loss, implicit accuracy and "
-             "gap_w are the last logged training values, averaged over seeds.\n",
-             "| objective | overrides | mean difference [95% over seeds] | per seed [bootstrap 95%] | "
-             "policy on manifold | train/loss | implicit acc | gap_w | gap_w warning |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Objectives compared: {_world_name(a)}, rate of the preferred mode {a.prefer}, policy minus "
+             "reference\n",
+             f"{a.dpo_steps} DPO steps from the same reference (its rate {table['reference_rate']:.3f}, "
+             f"{table['reference_on_manifold']:.1%} on the manifold, diversity {table['reference_diversity']:.3f}; "
+             f"the data's diversity {data_div:.3f}), beta = {a.beta}, lr = {a.lr}, seeds "
+             f"{', '.join(map(str, seeds))} (the run seed: data order and draws); {a.num_samples} samples per model "
+             "from the same initial noise. Interval: 95% Student t over the seeds; per seed, the paired bootstrap "
+             "95% interval. Diversity: mean pairwise RMS distance between the samples of the preferred mode. "
+             "Loss, implicit accuracy and gap_w are the last logged training values, averaged over seeds; the "
+             "warnings count the seeds that raised them.\n",
+             "| objective | overrides | mean difference [95% over seeds] | per seed [bootstrap 95%] | policy rate | "
+             "diversity | policy on manifold | train/loss | implicit acc | gap_w | gap_w warning | manifold warning |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         runs = row["runs"]
         avg = {k: sum(r["final"][k] for r in runs) / len(runs) for k in DPO_SCALARS}
@@ -422,9 +460,12 @@ def compare_objectives(demo: Demo, names: list[str], seeds: list[int], ref_sampl
         interval = f"[{lo:+.3f}, {hi:+.3f}]" if len(runs) > 1 else "(one seed)"
         lines.append(f"| {name} ({row['what']}) | {' '.join(row['overrides']) or 'none'} | "
                      f"{row['mean_difference']:+.3f} {interval} | {per_seed} | "
+                     f"{sum(r['rate'] for r in runs) / len(runs):.3f} | "
+                     f"{sum(r['diversity'] for r in runs) / len(runs):.3f} | "
                      f"{sum(r['on_manifold'] for r in runs) / len(runs):.1%} | {avg['train/loss']:.4f} | "
                      f"{avg['train/implicit_acc']:.3f} | {avg['train/gap_w']:+.2e} | "
-                     f"{sum(r['gap_w_warning'] for r in runs)}/{len(runs)} |")
+                     f"{sum(r['gap_w_warning'] for r in runs)}/{len(runs)} | "
+                     f"{sum(r['manifold_warning'] for r in runs)}/{len(runs)} |")
     (report / "objectives.md").write_text("\n".join(lines) + "\n")
     return table
 
@@ -434,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--nproc", type=int, default=2, help="processes (GPUs if present, else CPU processes)")
     p.add_argument("--prefer", default="A", choices=("A", "B"), help="the mode the pairs prefer")
+    p.add_argument("--world", default="toy", choices=list(WORLDS),
+                   help="toy: two whole-image modes (tools/toy_world.py); detail: a small local feature decides "
+                        "(tools/detail_world.py)")
+    p.add_argument("--agreement", type=float, default=1.0,
+                   help="share of pairs whose label agrees with the oracle; the rest are flipped (noisy labels)")
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--dpo-steps", type=int, default=150)
     p.add_argument("--checkpoint-every", type=int, default=50, help="DPO checkpoints, each evaluated for the curve")
@@ -490,7 +536,8 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
     console.say(f"dpo_ds demo: does Diffusion-DPO move samples toward the preferred mode {args.prefer}? "
                 f"{demo.nproc} processes, ZeRO-3. Logs: {_shown(out / 'logs')}/")
 
-    console.stage("data: the toy world's preference pairs (mode A against mode B)")
+    console.stage(f"data: the {_world_name(args)}'s preference pairs ({'feature' if args.world == 'detail' else 'mode'}"
+                  " A against B)")
     console.result(demo.write_data())
 
     if not args.reference:
@@ -501,8 +548,9 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
         console.stage(f"reference: {_shown(demo.reference)} (from an earlier run)")
     ref_unet = UNet2DConditionModel.from_pretrained(str(demo.reference / "unet")).eval()
     ref_samples = demo.sample([ref_unet], "sampling")[0]
-    ref_rate = _rate(ref_samples, args.prefer)
-    ref_near = toy_world.on_manifold(ref_samples).float().mean().item()
+    world = demo.world
+    ref_rate = _rate(world, ref_samples, args.prefer)
+    ref_near = world.on_manifold(ref_samples).float().mean().item()
     console.result(f"reference samples mode {args.prefer} at rate {ref_rate:.3f} ({ref_near:.0%} of its "
                    f"{args.num_samples} samples near a mode)")
 
@@ -519,7 +567,9 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
     loss = curves["train/loss"]
     console.result(f"train/loss {loss[0][1]:.4f} -> {loss[-1][1]:.4f}, implicit accuracy "
                    f"{curves['train/implicit_acc'][-1][1]:.3f}, gap_w {curves['train/gap_w'][-1][1]:+.2e}"
-                   + ("; WARNING: gap_w stayed above zero (see the log)" if GAP_W_WARNING in log.read_text() else ""))
+                   + ("; WARNING: gap_w stayed above zero (see the log)" if GAP_W_WARNING in log.read_text() else "")
+                   + ("; WARNING: samples may be leaving the data (see the log)" if MANIFOLD_WARNING in log.read_text()
+                      else ""))
 
     live_check = None
     if args.live_steps > 0:
@@ -550,9 +600,9 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
         unets.append(unet.eval())
     unets.append(UNet2DConditionModel.from_pretrained(str(out / "dpo" / "export" / "unet")).eval())
     *ckpt_samples, pol_samples = demo.sample(unets, "sampling")
-    rate_curve = [(0, ref_rate, ref_rate)] + [(step, _rate(x, args.prefer), ref_rate)
+    rate_curve = [(0, ref_rate, ref_rate)] + [(step, _rate(world, x, args.prefer), ref_rate)
                                               for step, x in zip(steps + [args.dpo_steps], [*ckpt_samples, pol_samples])]
-    summary = summarise(pol_samples, ref_samples, args.prefer, curves, log)
+    summary = summarise(world, pol_samples, ref_samples, args.prefer, curves, log)
     diff, (lo, hi), last = summary["difference"], summary["ci95"], summary["final"]
     on_manifold = {"reference": ref_near, "policy": summary["on_manifold"]}
     result = {"prefer": args.prefer, "reference_rate": ref_rate, "policy_rate": ref_rate + diff,
@@ -560,9 +610,13 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
               "dpo_steps": args.dpo_steps,
               "beta": args.beta, "lr": args.lr, "seed": args.seed, "objective": args.objective,
               "overrides": overrides, "final": last, "live_check": live_check,
-              "gap_w_warning": summary["gap_w_warning"], "rate_curve": rate_curve}
+              "world": args.world, "agreement": args.agreement,
+              "diversity": {"reference": _diversity(world, ref_samples, args.prefer), "policy": summary["diversity"],
+                            "data": _data_diversity(world, args.prefer, args.num_samples)},
+              "gap_w_warning": summary["gap_w_warning"], "manifold_warning": summary["manifold_warning"],
+              "rate_curve": rate_curve}
     _plots(report, curves, result, rate_curve)
-    _sample_grid(report / "samples.png", ref_samples, pol_samples, args.prefer)
+    _sample_grid(report / "samples.png", world, ref_samples, pol_samples, args.prefer)
     console.result(f"policy samples mode {args.prefer} at rate {ref_rate + diff:.3f} ({summary['on_manifold']:.0%} "
                    f"near a mode)")
     objectives = ""
@@ -580,11 +634,16 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
     live_line = ("" if live_check is None else
                  f"Live reference (ZeRO-3, offloaded to CPU) against the cache, train/loss over the first "
                  f"{live_check['steps']} steps: max relative difference {live_check['max_rel_diff_train_loss']:.1e}.\n\n")
+    div = result["diversity"]
     (report / "report.md").write_text(
-        f"# dpo_ds demo: toy world, mode {args.prefer} preferred\n\n"
-        f"| | rate of mode {args.prefer} |\n|---|---|\n| reference (SFT on both modes) | {ref_rate:.3f} |\n"
-        f"| policy after {args.dpo_steps} DPO steps | {ref_rate + diff:.3f} |\n"
-        f"| difference (bootstrap 95% interval) | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] |\n\n"
+        f"# dpo_ds demo: {_world_name(args)}, mode {args.prefer} preferred\n\n"
+        f"| | rate of mode {args.prefer} | diversity within mode {args.prefer} |\n|---|---|---|\n"
+        f"| reference (SFT on both modes) | {ref_rate:.3f} | {div['reference']:.3f} |\n"
+        f"| policy after {args.dpo_steps} DPO steps | {ref_rate + diff:.3f} | {div['policy']:.3f} |\n"
+        f"| difference (bootstrap 95% interval) | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] | |\n"
+        f"| the data | | {div['data']:.3f} |\n\n"
+        "Diversity: the mean pairwise RMS distance between the samples of the preferred mode; a policy that "
+        "gained the rate by collapsing onto one point of the mode reads near zero.\n\n"
         f"{args.num_samples} DDIM samples each, same initial noise; a sample counts for its mode only when it "
         f"lies near it (RMS distance below {toy_world.ON_MANIFOLD_RMS}): {on_manifold['reference']:.1%} of the "
         f"reference's samples do, {on_manifold['policy']:.1%} of the policy's. beta = {args.beta}, lr = {args.lr}, "
@@ -592,7 +651,8 @@ def _stages(args, overrides: list[str], names: list[str], seeds: list[int], cons
         f"(overrides: {' '.join(overrides) or 'none'}).\n\n"
         f"Final train/loss {last['train/loss']:.4f}, implicit accuracy {last['train/implicit_acc']:.3f}, "
         f"gap_w {last['train/gap_w']:+.2e}, gap_l {last['train/gap_l']:+.2e}; gap_w warning: "
-        f"{'yes' if result['gap_w_warning'] else 'no'}.\n\n" + live_line +
+        f"{'yes' if result['gap_w_warning'] else 'no'}; manifold warning: "
+        f"{'yes' if result['manifold_warning'] else 'no'}.\n\n" + live_line +
         "![rates](rates.png)\n\n![curves](curves.png)\n\n![samples](samples.png)\n\n" + objectives)
     rel = _shown
     console.say(f"\ndemo: done in {_duration(result['seconds'])}. Preferred mode {args.prefer}: reference "

@@ -8,8 +8,13 @@ one latent of each mode with the same conditioning; `--prefer A` makes A the
 winner. A model trained on both images of every pair (loss.type=sft) samples A
 about half the time; Diffusion-DPO on the pairs should move that rate toward
 the preferred mode, and the evaluation here measures whether it does.
+`--agreement p` orders only a share p of the pairs by the oracle and flips the
+rest, as annotators of real preference data disagree; the images are the same
+as at p = 1 (so is a reference trained on them), only which one won changes.
+Within-mode diversity (`diversity`) tells a policy that gained the rate by
+collapsing onto a point of the mode from one that kept the mode's variation.
 
-  python tools/toy_world.py data --out DIR [--num-pairs N] [--prefer A|B] [--seed S]
+  python tools/toy_world.py data --out DIR [--num-pairs N] [--prefer A|B] [--agreement P] [--seed S]
       writes DIR/shards/ (docs/design.md §4 format) and DIR/model/ (the sdxl family's tiny UNet, fresh, and a
       DDPM scheduler)
   python tools/toy_world.py eval --reference MODEL_DIR --policy UNET_DIR [--num-samples N] [--json OUT]
@@ -83,6 +88,41 @@ def is_preferred(latents_NCHW: torch.Tensor, prefer: str) -> torch.Tensor:
     return on_manifold(latents_NCHW) & (mode_a if prefer == "A" else ~mode_a)
 
 
+def mode_label(latents_NCHW: torch.Tensor) -> list[str]:
+    """The oracle's verdict per sample, for pictures: "A", "B", or "-" (near neither mode)."""
+    near, mode_a = on_manifold(latents_NCHW), is_mode_a(latents_NCHW)
+    return [("A" if a else "B") if n else "-" for n, a in zip(near.tolist(), mode_a.tolist())]
+
+
+def data_samples(num_samples: int, mode: str, seed: int = 0) -> torch.Tensor:
+    """[N x 4 x 8 x 8] fresh draws of one mode from the data's distribution (the diversity the data has)."""
+    a, b = patterns()
+    g = torch.Generator().manual_seed(seed)
+    return (a if mode == "A" else b) + SPREAD * torch.randn(num_samples, *LATENT_SHAPE, generator=g)
+
+
+def diversity(latents_NCHW: torch.Tensor, mask: torch.Tensor, max_samples: int = 512) -> float:
+    """Within-mode diversity: the mean pairwise RMS distance between the latents where `mask` [N] holds
+    (at most `max_samples` of them, the first), nan for fewer than two. The data's is sqrt(2) x 0.3 = 0.42
+    in the toy world; a policy collapsed onto one point of the mode reads near zero."""
+    x = latents_NCHW[mask][:max_samples].flatten(1).float()
+    if len(x) < 2:
+        return float("nan")
+    d = torch.cdist(x, x).pow(2) / x.shape[1]
+    return (d.sqrt().sum() / (len(x) * (len(x) - 1))).item()
+
+
+def flipped(num_pairs: int, agreement: float, seed: int) -> torch.Tensor:
+    """[num_pairs] bool: the pairs whose labels disagree with the oracle, exactly round((1 - agreement) x
+    num_pairs) of them, chosen by the data seed (from a generator of their own: the images do not change)."""
+    if not 0.0 <= agreement <= 1.0:
+        raise ValueError(f"--agreement must lie in [0, 1], got {agreement}")
+    out = torch.zeros(num_pairs, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed + 7919)
+    out[torch.randperm(num_pairs, generator=g)[:round((1.0 - agreement) * num_pairs)]] = True
+    return out
+
+
 def toy_family() -> Family:
     """The toy's model family: the tiny denoiser at RESOLUTION, trained with TOY_SCHEDULER_CONFIG."""
     return family_class(FAMILY).tiny(RESOLUTION, TOY_SCHEDULER_CONFIG)
@@ -102,23 +142,35 @@ def conditioning(family: Family) -> tuple[dict[str, torch.Tensor], dict[str, tor
     return prompt, family.image_conditioning(geometry, geometry)
 
 
-def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_shard: int = 64) -> None:
-    """Preference shards (winner from the preferred mode) and a fresh tiny model to start from."""
+def write_data(out: str, *, num_pairs: int, prefer: str, seed: int, pairs_per_shard: int = 64,
+               agreement: float = 1.0) -> None:
+    """Preference shards (winner from the preferred mode, except in the 1 - agreement share of pairs whose
+    label is flipped) and a fresh tiny model to start from."""
     if prefer not in ("A", "B"):
         raise ValueError(f"--prefer must be A or B, got {prefer!r}")
     a, b = patterns()
     win, lose = (a, b) if prefer == "A" else (b, a)
+    is_flipped = flipped(num_pairs, agreement, seed)
+    g = torch.Generator().manual_seed(seed)
+    pairs = ((win + SPREAD * torch.randn(LATENT_SHAPE, generator=g),
+              lose + SPREAD * torch.randn(LATENT_SHAPE, generator=g)) for _ in range(num_pairs))
+    write_pairs(out, pairs, is_flipped, tool="toy_world", prefer=prefer, seed=seed, pairs_per_shard=pairs_per_shard)
+
+
+def write_pairs(out: str, pairs, is_flipped: torch.Tensor, *, tool: str, prefer: str, seed: int,
+                pairs_per_shard: int) -> None:
+    """Shards of (preferred, rejected) latent pairs [4 x 8 x 8] each, swapped where `is_flipped`, under the
+    toy's one conditioning, and the fresh model in out/model (also tools/detail_world.py's writer)."""
     prompt, images = conditioning(toy_family())
     stored = {**{name: t.half() for name, t in prompt.items()}, **images}  # as an encoder stores them
-    g = torch.Generator().manual_seed(seed)
     with ShardWriter(os.path.join(out, "shards"), max_pairs=pairs_per_shard) as writer:
-        for i in range(num_pairs):
-            tensors = {"latents_w": (win + SPREAD * torch.randn(LATENT_SHAPE, generator=g)).half(),
-                       "latents_l": (lose + SPREAD * torch.randn(LATENT_SHAPE, generator=g)).half(), **stored}
+        for i, ((good, bad), is_flip) in enumerate(zip(pairs, is_flipped.tolist())):
+            w, l = (bad, good) if is_flip else (good, bad)
+            tensors = {"latents_w": w.half(), "latents_l": l.half(), **stored}
             meta = {"caption": "toy", "family": FAMILY, "latent_layout": "CHW", "scaling_factor": 1.0,
-                    "shift_factor": None, "label": 1.0, "source": {"tool": "toy_world", "prefer": prefer,
-                                                                    "seed": seed, "index": i}}
-            writer.write(f"toy{seed}_{i:07d}", meta, tensors)
+                    "shift_factor": None, "label": 1.0, "source": {"tool": tool, "prefer": prefer, "seed": seed,
+                                                                    "index": i, "agrees_with_oracle": not is_flip}}
+            writer.write(f"{tool.split('_')[0]}{seed}_{i:07d}", meta, tensors)
     write_model(os.path.join(out, "model"), seed, FAMILY, TOY_SCHEDULER_CONFIG)
 
 
@@ -175,12 +227,14 @@ def evaluate(reference_unet_dir: str, policy_unet_dir: str, *, prefer: str = "A"
 
 def compare(samples: dict[str, torch.Tensor], prefer: str, is_preferred, on_manifold) -> dict:
     """The evaluation's summary of the reference's and the policy's samples (same initial noise): each one's
-    preferred rate and fraction on the manifold, and the paired bootstrap of the difference."""
+    preferred rate, fraction on the manifold and diversity within the preferred mode, and the paired bootstrap
+    of the difference."""
     pref = {name: is_preferred(x, prefer) for name, x in samples.items()}
     diff, lo, hi = bootstrap_difference(pref["policy"], pref["reference"])
     return {"num_samples": len(samples["policy"]), "prefer": prefer,
             **{f"{name}_rate": pref[name].float().mean().item() for name in samples},
             **{f"{name}_on_manifold": on_manifold(x).float().mean().item() for name, x in samples.items()},
+            **{f"{name}_diversity": diversity(x, pref[name]) for name, x in samples.items()},
             "difference": diff, "ci95": [lo, hi]}
 
 
@@ -192,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--num-pairs", type=int, default=2048)
     d.add_argument("--pairs-per-shard", type=int, default=64)
     d.add_argument("--prefer", default="A")
+    d.add_argument("--agreement", type=float, default=1.0,
+                   help="share of pairs ordered by the oracle; the rest flipped")
     d.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval")
     e.add_argument("--reference", required=True, help="the reference's unet folder")
@@ -203,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "data":
         write_data(args.out, num_pairs=args.num_pairs, prefer=args.prefer, seed=args.seed,
-                   pairs_per_shard=args.pairs_per_shard)
-        print(f"wrote {args.num_pairs} pairs preferring mode {args.prefer} to {args.out}/shards")
+                   pairs_per_shard=args.pairs_per_shard, agreement=args.agreement)
+        print(f"wrote {args.num_pairs} pairs preferring mode {args.prefer} ({args.agreement:.0%} of them) to "
+              f"{args.out}/shards")
         return 0
     result = evaluate(args.reference, args.policy, prefer=args.prefer, num_samples=args.num_samples,
                       seed=args.seed)
