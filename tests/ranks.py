@@ -55,8 +55,12 @@ def server_pids() -> set[int]:
 def _rank(argv: list[str], environ: dict, cwd: str, out_path: str, err_path: str) -> None:
     """One rank: the launcher's environment, output to files, then dpo_ds.train.main as launch/train.py runs it."""
     os.chdir(cwd)
+    # dpo_ds.engine, imported by the fork server, pointed torch's extensions folder into this environment
+    # (TORCH_EXTENSIONS_DIR, when the parent had none): without it the rank would build DeepSpeed's CPU ops
+    # again in the folder every environment shares (~/.cache/torch_extensions), tens of seconds each time.
+    inherited = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR",) if k in os.environ}
     os.environ.clear()
-    os.environ.update(environ)
+    os.environ.update({**inherited, **environ})
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(f, fd)
