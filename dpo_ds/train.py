@@ -42,6 +42,31 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
+def settings(config: str | None, ds_path: str, overrides: list[str], world_size: int) -> tuple:
+    """(run config, training dtype, DeepSpeed config, family, shards) of a run, every setting a user can get
+    wrong checked before any process group starts; raises ValueError naming the file or key."""
+    cfg = load_config(config, overrides)
+    dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
+    ds_config = resolve_ds_config(ds_path, cfg, world_size, dtype)
+    family = models.build(cfg)  # the family's settings: model folder, scheduler, resolution, draw law
+    # Every rank checks (no process group yet); index.json makes it cheap: a header per shard, and
+    # no pass over the data when the index lists the keys.
+    shards = list_shards(cfg.data.shards, check=True)
+    check_family(shards, family.NAME, family.LATENT_LAYOUT)
+    if len(shards) < world_size:
+        raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "
+                         "write at least one shard per rank")
+    return cfg, dtype, ds_config, family, shards
+
+
+def record_settings(cfg, ds_config: dict) -> None:
+    """Rank 0 writes the run's resolved settings into its output folder: config.yaml and ds_config.json."""
+    if engine.rank() == 0:
+        out = Path(cfg.output_dir)
+        dump_config(cfg, out / "config.yaml")
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     # Installed first, so a signal during start-up is not lost: the trainer stops after the step in
@@ -53,17 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, overrides)
-        dtype = training_dtype(cfg, engine.has_gpu(), engine.gpu_has_bf16())
-        ds_config = resolve_ds_config(args.deepspeed, cfg, world_size, dtype)
-        family = models.build(cfg)  # the family's settings: model folder, scheduler, resolution, draw law
-        # Every rank checks (no process group yet); index.json makes it cheap: a header per shard, and
-        # no pass over the data when the index lists the keys.
-        shards = list_shards(cfg.data.shards, check=True)
-        check_family(shards, family.NAME, family.LATENT_LAYOUT)
-        if len(shards) < world_size:
-            raise ValueError(f"data.shards: {len(shards)} shards for {world_size} ranks; "
-                             "write at least one shard per rank")
+        cfg, dtype, ds_config, family, shards = settings(args.config, args.deepspeed, overrides, world_size)
     except ValueError as e:
         _say(f"dpo_ds.train: error: {e}")
         return 2
@@ -71,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_ds.trainer import BadDataError, NonFiniteLossError, Trainer  # heavy imports (diffusers) only once the settings are known good
 
     engine.init_distributed()
-    if engine.rank() == 0:
-        out = Path(cfg.output_dir)
-        dump_config(cfg, out / "config.yaml")
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    record_settings(cfg, ds_config)
     try:
         state = Trainer(cfg, ds_config, dtype, family, shards).fit(stop)
     except ValueError as e:

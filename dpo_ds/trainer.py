@@ -101,7 +101,7 @@ class Trainer:
             dropout=prompt_dropout(cfg.data.empty_prompt_prob, shards, family.PROMPT_TENSORS, schema))
         self.pair_flops = self._count_flops(schema)
         self.peak_tflops = perf.peak_tflops(cfg.logging.peak_tflops, engine.device_name())
-        self.flops = 0  # this rank's policy FLOPs since the last logging window took them
+        self.flops = 0  # rank 0's policy FLOPs since the last logging window took them (0 on the others)
         self.state = TrainState()
         self.total_pairs = sum(s.num_pairs for s in self.loader.shards)
         self.gap_watch = GapWatch(cfg.logging.gap_w_window)
@@ -116,7 +116,10 @@ class Trainer:
 
     def _count_flops(self, schema: dict) -> dict[tuple[int, ...], int]:
         """FLOPs of the policy's forward and backward per pair, for each latent shape the loader's buckets
-        record (or the schema pins); a shape neither knows is counted when its first batch arrives."""
+        record (or the schema pins); a shape neither knows is counted when its first batch arrives. On rank 0,
+        the rank whose perf/tflops and perf/mfu are logged."""
+        if engine.rank() != 0:  # only rank 0 logs perf/*: the others skip the counting (a meta-device pass per shape)
+            return {}
         shapes = {tuple(b) for b in self.loader.buckets if b is not None}
         if not shapes and schema["latents_w"] is not None:
             shapes = {tuple(schema["latents_w"])}
@@ -176,6 +179,8 @@ class Trainer:
         return sums
 
     def _batch_flops(self, batch: dict) -> int:
+        if engine.rank() != 0:
+            return 0
         shape = tuple(batch["latents_w"].shape[1:])
         if shape not in self.pair_flops:  # shards that record no shape: counted once, on first sight
             self.pair_flops[shape] = self._pair_flops(shape)

@@ -44,14 +44,20 @@ def env() -> dict:
     return e
 
 
+def make_synthetic(out: Path, *args: str) -> Path:
+    """`tools/make_synthetic.py --out OUT ARGS...`, run in this process (whose torch and diffusers are imported
+    already) instead of a fresh interpreter; returns OUT."""
+    from tiny_sdxl import _make_synthetic
+
+    assert _make_synthetic().main(["--out", str(out), *args]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """32 synthetic pairs in 4 shards, and a tiny SDXL-shaped model folder, from tools/make_synthetic.py."""
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out),
-                    "--num-pairs", "32", "--pairs-per-shard", "8", "--resolution", "64", "--seed", "0"],
-                   check=True, env=env(), capture_output=True)
-    return out
+    return make_synthetic(tmp_path_factory.mktemp("tiny"), "--num-pairs", "32", "--pairs-per-shard", "8",
+                          "--resolution", "64", "--seed", "0")
 
 
 def write_run_config(path: Path, tiny: Path, output_dir: Path, **sections) -> Path:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dpo_ds import engine, lora, models
 from dpo_ds.config import load_config, resolve_ds_config
 from dpo_ds.data import list_shards
+from dpo_ds.train import record_settings
 from dpo_ds.trainer import Trainer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -22,8 +23,9 @@ results = []
 for ds_path, path in zip(args[::2], args[1::2]):
     cfg = load_config(path)
     family = models.build(cfg)
-    trainer = Trainer(cfg, resolve_ds_config(ds_path, cfg, engine.world_size(), "fp32"), "fp32", family,
-                      list_shards(cfg.data.shards))
+    ds_config = resolve_ds_config(ds_path, cfg, engine.world_size(), "fp32")
+    record_settings(cfg, ds_config)  # config.yaml, which tools/export.py reads
+    trainer = Trainer(cfg, ds_config, "fp32", family, list_shards(cfg.data.shards))
     first = []
     forward_loss = trainer.forward_loss
 
@@ -49,6 +51,7 @@ for ds_path, path in zip(args[::2], args[1::2]):
                          str(trainer.out / "export" / "lora" / lora.WEIGHT_NAME), family.LORA_SAVER[1].split("_")[0])
     loaded = lora.adapter_weights(exported.state_dict())
     results.append({
+        "family": cfg.model.family,
         "first": first[0],
         "world_size": engine.world_size(),
         "zero_stage": trainer.policy.engine.zero_optimization_stage(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,8 +103,10 @@ def test_noisy_labels_reversed_move_the_other_way(preferring_a, tmp_path):
 def test_the_manifold_warning_fires_at_beta_50_and_not_on_the_demos_run(preferring_a, tmp_path):
     """The oracle-free warning (dpo_ds.metrics.ManifoldWatch) of the README's beta = 50 failure (plain DPO,
     samples leaving the data while gap_w stays negative); the demo's run does not raise it."""
-    _, result_a, _ = preferring_a
+    out_a, result_a, _ = preferring_a
     assert not result_a["manifold_warning"]
+    # Same pairs, reference and seed as the demo's run: its reference cache fits (the demo reuses a complete one).
+    shutil.copytree(out_a / "cache_seed0", tmp_path / "cache_seed0")
     result, terminal = _demo(tmp_path, "--objective", "dpo", "--beta", "50", "--reference",
                              str(preferring_a[0] / "reference"), "--live-steps", "0", "--checkpoint-every", "40",
                              "--num-samples", "64")  # the warning is the point here, not the samples

@@ -2,11 +2,13 @@
 transformer Wan, the image-to-video UNet SVD with EDM) end to end through the real `deepspeed` launcher: 2 CPU
 processes, ZeRO-3, the live offloaded reference and then the reference cache (with empty-prompt dropout, which
 the cache must reproduce), export loaded back with diffusers; what the family trains by default moved, the rest
-(motion's frozen SD 1.5 UNet) bitwise unchanged.
+(motion's frozen SD 1.5 UNet) bitwise unchanged. The five live runs are one launcher job and the five cached runs
+another (tests/train_many.py: dpo_ds.train's settings step and Trainer, run after run in the same ranks).
 (SDXL's runs are tests/test_e2e.py and tests/test_reference_cache.py.)"""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_train, env, free_port, read_scalars, write_run_config
+from conftest import BIN, REPO, env, free_port, make_synthetic, read_scalars, write_run_config
 from dpo_ds.models import family_class, select_trainable
 
 pytestmark = pytest.mark.slow
@@ -34,31 +36,54 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
+def _train_many(runs: list[tuple[str, Path]]) -> tuple[list[dict], str]:
+    """tests/train_many.py under the real `deepspeed` launcher, 2 CPU ranks: the runs one after another in one job
+    (DeepSpeed JSON, run config); (rank 0's RESULT, the job's stderr)."""
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "tests" / "train_many.py"), *[str(a) for ds, cfg in runs for a in (REPO / "ds_configs" / ds, cfg)]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    _ok(proc)
+    assert not sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shared memory left behind"
+    return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0]), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Every family trained with the live reference, then from a reference cache: two launcher jobs of five runs."""
+    root = tmp_path_factory.mktemp("families")
+    live, cached = [], []
+    for family in FAMILIES:
+        data = root / family / "data"
+        make_synthetic(data, "--family", family, "--num-pairs", "16", "--pairs-per-shard", "4", "--resolution", "64",
+                       "--seed", "0")
+        # beta 10: at beta 500 Adam's first steps amplify float32 rounding between the live and cached errors.
+        # Half the pairs train on the empty prompt: the cache holds the errors of exactly those draws.
+        # Wan's σ from the logit-normal density (uniform is the default): the law the cache must reproduce.
+        law = {"sigma_density": "logit_normal"} if family == "wan" else {}
+        sections = dict(model={"pretrained_path": str(data / "model"), "family": family, **law}, dpo={"beta": 10.0},
+                        data={"empty_prompt_prob": 0.5},
+                        train={"max_steps": MAX_STEPS}, checkpoint={"every_steps": 100})
+        live.append(("zero3.json", write_run_config(root / family / "live.yaml", data, root / family / "live",
+                                                    **sections)))
+        cache_cfg = write_run_config(root / family / "cache.yaml", data, root / family / "cache", **sections,
+                                     reference={"mode": "cache", "cache_dir": str(root / family / "refcache")})
+        cached.append(("zero3.json", cache_cfg))
+    results, _ = _train_many(live)
+    # motion trains its motion modules only: its live reference runs inside the policy (SharedReference)
+    assert [(r["step"], r["reference"]) for r in results] == [
+        (MAX_STEPS, "SharedReference" if family == "motion" else "LiveReference") for family in FAMILIES]
+    _ok(subprocess.run([sys.executable, str(REPO / "tests" / "precompute_many.py"), *[str(c) for _, c in cached]],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600))
+    results, stderr = _train_many(cached)
+    assert [(r["step"], r["reference"]) for r in results] == [(MAX_STEPS, "CachedReference")] * len(FAMILIES)
+    assert stderr.count("the reference model is not built") == len(FAMILIES), stderr[-4000:]
+    return root
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_trains_live_and_cached_alike_and_exports(family, tmp_path):
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(data), "--family", family,
-                    "--num-pairs", "16", "--pairs-per-shard", "4", "--resolution", "64", "--seed", "0"],
-                   check=True, env=env(), capture_output=True)
-    # beta 10: at beta 500 Adam's first steps amplify float32 rounding between the live and cached errors.
-    # Half the pairs train on the empty prompt: the cache holds the errors of exactly those draws.
-    # Wan's σ from the logit-normal density (uniform is the default): the law the cache must reproduce.
-    law = {"sigma_density": "logit_normal"} if family == "wan" else {}
-    sections = dict(model={"pretrained_path": str(data / "model"), "family": family, **law}, dpo={"beta": 10.0},
-                    data={"empty_prompt_prob": 0.5},
-                    train={"max_steps": MAX_STEPS}, checkpoint={"every_steps": 100})
-    live_cfg = write_run_config(tmp_path / "live.yaml", data, tmp_path / "live", **sections)
-    _ok(deepspeed_train(live_cfg))
-
-    cache_cfg = write_run_config(tmp_path / "cache.yaml", data, tmp_path / "cache", **sections,
-                                 reference={"mode": "cache", "cache_dir": str(tmp_path / "refcache")})
-    _ok(subprocess.run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--config", str(cache_cfg),
-                        "--num-draws", "1", "--no-progress"], cwd=REPO,
-                       env=env() | {"MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=300))
-    cached = deepspeed_train(cache_cfg)
-    _ok(cached)
-    assert "the reference model is not built" in cached.stderr
-
+def test_family_trains_live_and_cached_alike_and_exports(family, trained):
+    data, tmp_path = trained / family / "data", trained / family
     live, cache = (read_scalars(tmp_path / run / "tensorboard") for run in ("live", "cache"))
     assert live["train/loss"][0][1] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
     for name in ("train/loss", "train/ref_err_w", "train/ref_err_l", "train/model_err_w"):

@@ -1,10 +1,10 @@
 """LoRA (model.lora) with the reference for free (reference.mode=adapters_off). In-process: the per-family
-default targets, the settings' errors, adapters_off giving the base model exactly. One launcher job of 2 ranks
-for every video family (tests/lora_probe.py, ZeRO-2 and ZeRO-3): each trains its adapters, the base bitwise
-unchanged, the first step's loss ln 2, the export loads back; a reference cache computed from the base model
-serves a LoRA run. Through the real `deepspeed` launcher (2 CPU processes): SDXL on ZeRO-3 and SD 1.5 on
-ZeRO-2, checkpoints of the adapters only, resume bitwise (forked ranks), the export loaded with the pipeline's `load_lora_weights` changes what it
-samples, and tools/export.py --merge writes the full model."""
+default targets, the settings' errors, adapters_off giving the base model exactly. One job of 2 ranks under the
+real `deepspeed` launcher (tests/lora_probe.py) trains every family on ZeRO-2 and on ZeRO-3: the first step's
+loss ln 2, the base bitwise unchanged, only the adapters in the optimizer, the export loaded by the family's
+diffusers pipeline (`load_lora_weights`, tiny components) changing what it samples; a reference cache computed
+from the base model serves a LoRA run. SDXL once more through the launcher on ZeRO-3 with checkpoints: the
+adapters only, resume bitwise (forked ranks), and tools/export.py --merge writing the full model."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, REPO, deepspeed_train, env, fork_train, free_port, read_scalars, write_run_config
+from conftest import BIN, REPO, deepspeed_train, env, fork_train, free_port, make_synthetic, read_scalars, write_run_config
 from dpo_ds import lora
 from test_tools_export_sample_score import load_tool
 from dpo_ds.config import LoraConfig, load_config
 from dpo_ds.models import FAMILIES
+from tiny_sdxl import build_tiny_sd15, build_tiny_sdxl, build_tiny_wan
 
-VIDEO_FAMILIES = ["wan", "unet3d", "motion", "svd"]
 LORA = {"rank": 4, "alpha": 8.0}
 
 
@@ -90,50 +90,67 @@ def _probe(runs: list[tuple[str, Path]], nproc: int = 2) -> list[dict]:
 
 
 def _synthetic(out: Path, family: str, pairs_per_shard: int = 2) -> Path:
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out), "--family", family,
-                    "--num-pairs", "4", "--pairs-per-shard", str(pairs_per_shard), "--resolution", "64", "--seed", "0"],
-                   check=True, env=env(), capture_output=True)
-    return out
+    return make_synthetic(out, "--family", family, "--num-pairs", "4", "--pairs-per-shard", str(pairs_per_shard),
+                          "--resolution", "64", "--seed", "0")
 
 
-# Each video family on one ZeRO stage, both stages covered (SDXL: ZeRO-3, SD 1.5: ZeRO-2, below).
-VIDEO_STAGES = {"wan": "zero3.json", "unet3d": "zero2.json", "motion": "zero3.json", "svd": "zero2.json"}
+FAMILY_NAMES = ["sdxl", "sd15", "wan", "unet3d", "motion", "svd"]
+STAGES = ("zero2.json", "zero3.json")
 
 
 @pytest.mark.slow
-def test_video_families_train_adapters_against_the_base_and_export(tmp_path):
-    """Every video family, 2 ranks under the real launcher in one job: ln 2 and accuracy 1/2 at the first step, the
-    base bitwise unchanged, every adapter trained, the optimizer holding the adapters alone, the export loading
-    back; and a reference cache computed from the base model alone serves a LoRA run (it fits its fingerprint)."""
-    def sections(family: str) -> dict:
+def test_every_family_trains_adapters_on_zero2_and_zero3_and_its_pipeline_loads_them(tmp_path):
+    """Every family on ZeRO-2 and on ZeRO-3, 2 ranks under the real launcher, all in one job: ln 2 and accuracy 1/2
+    at the first step, the base bitwise unchanged, every adapter trained, the optimizer holding the adapters
+    alone, the export loading back; the family's diffusers pipeline built from tiny components loads each export
+    with `load_lora_weights` and samples otherwise (svd's pipeline has no LoRA loader: dpo_ds.lora.load, in the
+    probe); the export made from an SD 1.5 checkpoint by tools/export.py loads too; and a reference cache
+    computed from the base model alone serves a LoRA run (it fits its fingerprint)."""
+    def sections(family: str, stage: str) -> dict:
         return dict(model={"pretrained_path": str(tmp_path / family / "model"), "family": family, "lora": LORA},
                     reference={"mode": "adapters_off"}, data={"num_workers": 0}, optim={"lr": 1e-3},
                     train={"max_steps": 2, "micro_batch_size": 1}, checkpoint={"every_steps": 100})
 
-    configs = [write_run_config(tmp_path / f"{family}.yaml", _synthetic(tmp_path / family, family),
-                                tmp_path / f"{family}-run", **sections(family)) for family in VIDEO_FAMILIES]
+    runs = []
+    for family in FAMILY_NAMES:
+        data = _synthetic(tmp_path / family, family)  # a shard per rank
+        runs += [(stage, write_run_config(tmp_path / f"{family}-{stage[:-5]}.yaml", data,
+                                          tmp_path / f"{family}-{stage[:-5]}", **sections(family, stage)))
+                 for stage in STAGES]
     cache = {"mode": "cache", "cache_dir": str(tmp_path / "rc")}
     cached = write_run_config(tmp_path / "cached.yaml", tmp_path / "unet3d", tmp_path / "cached-run",
-                              **{**sections("unet3d"), "reference": cache})
+                              **{**sections("unet3d", "zero2.json"), "reference": cache})
     precompute = subprocess.run([sys.executable, str(REPO / "tools" / "precompute_ref.py"), "--config", str(cached),
                                  "--num-draws", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True,
                                 env=env() | {"MASTER_PORT": str(free_port())}, timeout=300)
     assert precompute.returncode == 0, precompute.stderr[-4000:]
-    runs = [(VIDEO_STAGES[f], c) for f, c in zip(VIDEO_FAMILIES, configs)] + [("zero2.json", cached)]
-    *results, from_cache = _probe(runs)
+    *results, from_cache = _probe(runs + [("zero2.json", cached)])
     # ln 2 up to float32 rounding between the cached errors (computed in another process) and the policy's,
     # times β/4 = 125: abs 1e-4 is an error difference below 1e-6 (one pair per micro-batch, nothing averaged).
     assert from_cache["first"]["loss"] == pytest.approx(math.log(2), abs=1e-4) and from_cache["base_changed"] == []
-    for family, result in zip(VIDEO_FAMILIES, results):
-        assert result["world_size"] == 2 and f"zero{result['zero_stage']}.json" == VIDEO_STAGES[family], family
-        assert result["first"]["loss"] == pytest.approx(math.log(2), abs=1e-6), family
-        assert result["first"]["implicit_acc"] == 0.5, family
-        assert result["base_changed"] == [] and result["adapters_unmoved"] == [], family
+    for (stage, _), result in zip(runs, results):
+        run = (result["family"], stage)
+        assert result["world_size"] == 2 and f"zero{result['zero_stage']}.json" == stage, run
+        assert result["first"]["loss"] == pytest.approx(math.log(2), abs=1e-6), run
+        assert result["first"]["implicit_acc"] == 0.5, run
+        assert result["base_changed"] == [] and result["adapters_unmoved"] == [], run
         # ZeRO pads each rank's partition: at most world_size - 1 elements per adapter tensor; one base weight
         # in the optimizer would be far more.
         assert 0 < result["num_adapter_params"] <= result["num_optimized"] <= \
-            result["num_adapter_params"] + result["num_adapter_tensors"] * (result["world_size"] - 1), (family, result)
-        assert result["sum_abs_b"] > 0 and result["export_mismatch"] == [], family
+            result["num_adapter_params"] + result["num_adapter_tensors"] * (result["world_size"] - 1), (run, result)
+        assert result["sum_abs_b"] > 0 and result["export_mismatch"] == [], run
+    assert sorted((r["family"], s) for (s, _), r in zip(runs, results)) == sorted(
+        (f, s) for f in FAMILY_NAMES for s in STAGES)
+
+    parts = {"sdxl": build_tiny_sdxl(tmp_path / "parts-sdxl"), "sd15": build_tiny_sd15(tmp_path / "parts-sd15"),
+             "wan": build_tiny_wan(tmp_path / "parts-wan")}
+    parts["unet3d"] = parts["motion"] = parts["sd15"]  # SD's VAE and one CLIP text encoder (width 32)
+    for family in PIPELINE_FAMILIES:
+        for stage in STAGES:
+            _load_changes_samples(family, tmp_path / family / "model", parts[family],
+                                  tmp_path / f"{family}-{stage[:-5]}" / "export" / "lora")
+    exported = load_tool("export").export(str(tmp_path / "sd15-zero2"), "latest", None, "fp32")  # from the checkpoint
+    _load_changes_samples("sd15", tmp_path / "sd15" / "model", parts["sd15"], Path(exported))
 
 
 def _adapters_in_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
@@ -148,21 +165,32 @@ def _first_step(run: Path) -> tuple[float, float]:
     return dict(scalars["train/loss"])[1], dict(scalars["train/implicit_acc"])[1]
 
 
-def _load_changes_samples(family_name: str, base: Path, lora_dir: Path) -> None:
-    """The family's pipeline on the tiny base samples otherwise once `load_lora_weights` loaded the export."""
-    from diffusers import DDIMScheduler
+# The families whose diffusers pipeline loads LoRA into their denoiser. Not unet3d: TextToVideoSDPipeline has
+# load_lora_weights, but diffusers (0.42) gives UNet3DConditionModel no adapter support (no load_lora_adapter);
+# not svd: StableVideoDiffusionPipeline has no LoRA loader. Both load with dpo_ds.lora.load (tests/lora_probe.py).
+PIPELINE_FAMILIES = ["sdxl", "sd15", "wan", "motion"]
 
+
+def _load_changes_samples(family_name: str, model: Path, parts: Path, lora_dir: Path) -> None:
+    """The family's diffusers pipeline (its trained-from denoiser in `model`, the other components from `parts`)
+    samples otherwise once `load_lora_weights` loaded the export in `lora_dir`."""
     family = FAMILIES[family_name]
-    unet = family.denoiser_from_folder(str(base / "unet"), torch.float32)
-    pipe = family.pipeline(str(base), unet, DDIMScheduler.from_config(family.SCHEDULER_CONFIG), torch.float32)
+    denoiser = family.denoiser_from_folder(str(model / family.DENOISER_SUBFOLDER), torch.float32)
+    scheduler_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    pipe = family.pipeline(str(parts), denoiser, family.sampling_scheduler(scheduler_config, family.SAMPLERS[0]),
+                           torch.float32)
+    size = dict(height=16, width=16, num_frames=5) if family_name == "wan" else dict(height=64, width=64)
+    if family_name in ("unet3d", "motion"):
+        size["num_frames"] = 2
 
     def sample():
-        return pipe("a red square", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
-                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+        out = pipe("a red square", num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0), **size)
+        return out.frames if hasattr(out, "frames") else out.images
 
     before = sample()
     pipe.load_lora_weights(str(lora_dir))
-    assert any(".lora_A." in n for n, _ in pipe.unet.named_parameters())
+    assert any(".lora_A." in n for n, _ in denoiser.named_parameters()), family_name
     after = sample()
     assert not torch.equal(before, after), f"{family_name}: the LoRA export did not change the samples"
 
@@ -214,7 +242,7 @@ def test_sdxl_lora_on_zero3_checkpoints_adapters_only_resumes_bitwise_and_export
                                 weights_only=False))
         assert a.keys() == b.keys() and [k for k in a if k != "/rng/torch" and not torch.equal(a[k], b[k])] == []
 
-    _load_changes_samples("sdxl", base, tmp_path / "run" / "export" / "lora")
+    _load_changes_samples("sdxl", base, base, tmp_path / "run" / "export" / "lora")
 
     # --merge: the full UNet; every weight the adapters do not touch is the base's, bit for bit.
     merged_dir = tmp_path / "merged"
@@ -224,25 +252,3 @@ def test_sdxl_lora_on_zero3_checkpoints_adapters_only_resumes_bitwise_and_export
     adapted = {n.split(".lora_")[0] + ".weight" for n in module}
     assert merged.keys() == initial.keys()
     assert [n for n in initial if (n in adapted) == torch.equal(merged[n], initial[n])] == []
-
-
-@pytest.mark.slow
-def test_sd15_lora_on_zero2_trains_adapters_only_and_exports(tmp_path):
-    from tiny_sdxl import build_tiny_sd15
-
-    data = _synthetic(tmp_path / "data", "sd15", pairs_per_shard=2)  # a shard per rank
-    base = build_tiny_sd15(tmp_path / "base")  # make_synthetic's sd15 UNet (seed 0) and its components
-    cfg = write_run_config(tmp_path / "run.yaml", data, tmp_path / "run",
-                           model={"pretrained_path": str(base), "family": "sd15", "lora": LORA},
-                           reference={"mode": "adapters_off"}, optim={"lr": 1e-3}, train={"max_steps": 2,
-                           "micro_batch_size": 1}, checkpoint={"every_steps": 100})
-    proc = deepspeed_train(cfg, ds_config="ds_configs/zero2.json")
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    loss, acc = _first_step(tmp_path / "run")
-    assert loss == pytest.approx(math.log(2), abs=1e-6) and acc == 0.5
-    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
-    module = _adapters_in_checkpoint(tmp_path / "run" / "checkpoints" / tag)
-    assert module and all(lora.is_adapter(n) for n in module)
-    exported = load_tool("export").export(str(tmp_path / "run"), "latest", None, "fp32")  # from the checkpoint
-    _load_changes_samples("sd15", base, Path(exported))
-    _load_changes_samples("sd15", base, tmp_path / "run" / "export" / "lora")
