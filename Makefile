@@ -8,7 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,mpi,video
 NPROC ?= 2
-# pytest workers for `make test` (pytest-xdist); each takes whole test modules, longest first (tests/conftest.py)
+# pytest workers for `make test` (pytest-xdist); each takes whole test modules, longest first (tests/conftest.py).
+# Three were slower than two on the 2-core machine: 34 min 11 s for the tests of f691bb2, against 31 min 05 s
+# with two for e5749a0, which had more to run (2026-12-03).
 TEST_WORKERS ?= 2
 DEMO_DIR ?= runs/demo
 DEMO_VIDEO_DIR ?= runs/demo-video
@@ -45,8 +47,10 @@ DEMO_WORLDS_DIR ?= runs/worlds
 demo-worlds: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) tools/demo_worlds.py --output-dir $(DEMO_WORLDS_DIR) --nproc $(NPROC)
 
+# One torch thread per pytest worker, as every training rank has (tests/conftest.py env()): two workers, each
+# often beside a 2-rank job, on two cores.
 test: venv
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -rs -m "not slow" tests

@@ -19,9 +19,9 @@ BIN = Path(sys.executable).parent
 # `make test` runs two pytest workers, each taking whole modules (pytest-xdist's --dist loadfile, in
 # collection order): the longest modules go first, so that neither worker is left with one of them
 # at the end while the other sits idle.
-LONGEST_FIRST = ("test_alignment.py", "test_video_alignment.py", "test_e2e.py", "test_buckets.py",
-                 "test_world_size_resume.py", "test_families.py", "test_lora.py", "test_launchers.py", "test_faults.py",
-                 "test_reference_cache.py")
+LONGEST_FIRST = ("test_alignment.py", "test_families.py", "test_e2e.py", "test_launchers.py", "test_faults.py",
+                 "test_lora.py", "test_world_size_resume.py", "test_reference_cache.py", "test_encode.py",
+                 "test_buckets.py", "test_tools_export_sample_score.py", "test_fast_paths.py", "test_video_alignment.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
