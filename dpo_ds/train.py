@@ -42,6 +42,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO, the others WARNING and above; each line names its time and rank."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
 def settings(config: str | None, ds_path: str, overrides: list[str], world_size: int) -> tuple:
     """(run config, training dtype, DeepSpeed config, family, shards) of a run, every setting a user can get
     wrong checked before any process group starts; raises ValueError naming the file or key."""
@@ -75,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     rank, world_size, _ = launchenv.rank_world_local()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(rank)
     try:
         cfg, dtype, ds_config, family, shards = settings(args.config, args.deepspeed, overrides, world_size)
     except ValueError as e:

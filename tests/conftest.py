@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -97,6 +98,20 @@ def deepspeed_train(config: Path, *overrides: str, nproc: int = 2, ds_config: st
     leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"shared-memory workspaces left behind: {leaked}"
     return proc
+
+
+def deepspeed_job(script: str, runs: list[tuple[str, Path]], timeout: float = 900) -> tuple[list, str]:
+    """tests/SCRIPT (tests/train_many.py, tests/lora_probe.py) under the real `deepspeed` launcher with 2 CPU
+    ranks: its (DeepSpeed JSON in ds_configs/, run config) pairs run one after another in one job. Returns rank
+    0's RESULT JSON and the job's stderr; checks, as deepspeed_train, that no shared-memory workspace is left."""
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(REPO / "tests" / script),
+           *[str(a) for ds, cfg in runs for a in (REPO / "ds_configs" / ds, cfg)]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory workspaces left behind: {leaked}"
+    return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0]), proc.stderr
 
 
 def fork_train(config: Path, *overrides: str, nproc: int = 2, ds_config: str = "ds_configs/zero3.json",

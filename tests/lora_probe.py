@@ -11,21 +11,17 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dpo_ds import engine, lora, models
-from dpo_ds.config import load_config, resolve_ds_config
-from dpo_ds.data import list_shards
-from dpo_ds.train import record_settings
+from dpo_ds import engine, lora
+from dpo_ds.train import record_settings, settings
 from dpo_ds.trainer import Trainer
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 engine.init_distributed()
 results = []
 for ds_path, path in zip(args[::2], args[1::2]):
-    cfg = load_config(path)
-    family = models.build(cfg)
-    ds_config = resolve_ds_config(ds_path, cfg, engine.world_size(), "fp32")
+    cfg, dtype, ds_config, family, shards = settings(path, ds_path, [], engine.world_size())
     record_settings(cfg, ds_config)  # config.yaml, which tools/export.py reads
-    trainer = Trainer(cfg, ds_config, "fp32", family, list_shards(cfg.data.shards))
+    trainer = Trainer(cfg, ds_config, dtype, family, shards)
     first = []
     forward_loss = trainer.forward_loss
 

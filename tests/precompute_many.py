@@ -4,17 +4,16 @@ and imports once (tests/test_families.py's five caches)."""
 
 import importlib.util
 import os
-import socket
 import sys
 from pathlib import Path
+
+from conftest import free_port  # this folder is the script's first sys.path entry
 
 spec = importlib.util.spec_from_file_location("precompute_ref", Path(__file__).parents[1] / "tools" / "precompute_ref.py")
 precompute_ref = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(precompute_ref)
 for config in sys.argv[1:]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ["MASTER_PORT"] = str(free_port())
     code = precompute_ref.main(["--config", config, "--num-draws", "1", "--no-progress"])
     if code:
         sys.exit(code)

@@ -8,7 +8,6 @@ another (tests/train_many.py: dpo_ds.train's settings step and Trainer, run afte
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, REPO, env, free_port, make_synthetic, read_scalars, write_run_config
+from conftest import REPO, deepspeed_job, env, make_synthetic, read_scalars, write_run_config
 from dpo_ds.models import family_class, select_trainable
 
 pytestmark = pytest.mark.slow
@@ -34,18 +33,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-
-
-def _train_many(runs: list[tuple[str, Path]]) -> tuple[list[dict], str]:
-    """tests/train_many.py under the real `deepspeed` launcher, 2 CPU ranks: the runs one after another in one job
-    (DeepSpeed JSON, run config); (rank 0's RESULT, the job's stderr)."""
-    port = free_port()
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           str(REPO / "tests" / "train_many.py"), *[str(a) for ds, cfg in runs for a in (REPO / "ds_configs" / ds, cfg)]]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
-    _ok(proc)
-    assert not sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shared memory left behind"
-    return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0]), proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +56,13 @@ def trained(tmp_path_factory) -> Path:
         cache_cfg = write_run_config(root / family / "cache.yaml", data, root / family / "cache", **sections,
                                      reference={"mode": "cache", "cache_dir": str(root / family / "refcache")})
         cached.append(("zero3.json", cache_cfg))
-    results, _ = _train_many(live)
+    results, _ = deepspeed_job("train_many.py", live)
     # motion trains its motion modules only: its live reference runs inside the policy (SharedReference)
     assert [(r["step"], r["reference"]) for r in results] == [
         (MAX_STEPS, "SharedReference" if family == "motion" else "LiveReference") for family in FAMILIES]
     _ok(subprocess.run([sys.executable, str(REPO / "tests" / "precompute_many.py"), *[str(c) for _, c in cached]],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600))
-    results, stderr = _train_many(cached)
+    results, stderr = deepspeed_job("train_many.py", cached)
     assert [(r["step"], r["reference"]) for r in results] == [(MAX_STEPS, "CachedReference")] * len(FAMILIES)
     assert stderr.count("the reference model is not built") == len(FAMILIES), stderr[-4000:]
     return root

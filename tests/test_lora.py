@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, REPO, deepspeed_train, env, fork_train, free_port, make_synthetic, read_scalars, write_run_config
+from conftest import (REPO, deepspeed_job, deepspeed_train, env, fork_train, free_port, make_synthetic, read_scalars,
+                      write_run_config)
 from dpo_ds import lora
 from test_tools_export_sample_score import load_tool
 from dpo_ds.config import LoraConfig, load_config
@@ -80,15 +81,6 @@ def test_lora_settings_errors_name_the_key(tmp_path):
         lora.add_adapters(_tiny("sd15"), LoraConfig(targets=["*.to_q", "*.to_qq"]), ())
 
 
-def _probe(runs: list[tuple[str, Path]], nproc: int = 2) -> list[dict]:
-    """tests/lora_probe.py through the real `deepspeed` launcher: (DeepSpeed JSON, run config) pairs, one job."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           str(REPO / "tests" / "lora_probe.py"), *[str(a) for ds, cfg in runs for a in (REPO / "ds_configs" / ds, cfg)]]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
-
-
 def _synthetic(out: Path, family: str, pairs_per_shard: int = 2) -> Path:
     return make_synthetic(out, "--family", family, "--num-pairs", "4", "--pairs-per-shard", str(pairs_per_shard),
                           "--resolution", "64", "--seed", "0")
@@ -124,7 +116,7 @@ def test_every_family_trains_adapters_on_zero2_and_zero3_and_its_pipeline_loads_
                                  "--num-draws", "1", "--no-progress"], cwd=REPO, capture_output=True, text=True,
                                 env=env() | {"MASTER_PORT": str(free_port())}, timeout=300)
     assert precompute.returncode == 0, precompute.stderr[-4000:]
-    *results, from_cache = _probe(runs + [("zero2.json", cached)])
+    (*results, from_cache), _ = deepspeed_job("lora_probe.py", runs + [("zero2.json", cached)])
     # ln 2 up to float32 rounding between the cached errors (computed in another process) and the policy's,
     # times β/4 = 125: abs 1e-4 is an error difference below 1e-6 (one pair per micro-batch, nothing averaged).
     assert from_cache["first"]["loss"] == pytest.approx(math.log(2), abs=1e-4) and from_cache["base_changed"] == []

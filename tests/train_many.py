@@ -5,16 +5,14 @@ launcher's and the ranks' start (interpreters, imports, the process group) once 
 prints RESULT and a JSON list with, per run, its last step and the class of reference it trained against."""
 
 import json
-import logging
 import sys
 
 from dpo_ds import engine, launchenv
-from dpo_ds.train import record_settings, settings
+from dpo_ds.train import record_settings, settings, setup_logging
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 rank, world_size, _ = launchenv.rank_world_local()
-logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                    format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+setup_logging(rank)
 runs = [settings(config, ds_path, [], world_size) for ds_path, config in zip(args[::2], args[1::2])]
 
 from dpo_ds.trainer import Trainer  # noqa: E402  (as dpo_ds.train: diffusers once the settings are good)
