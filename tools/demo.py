@@ -282,14 +282,18 @@ class Demo:
         bin_dir = Path(sys.executable).parent
         self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONUNBUFFERED": "1"}
-        self.world = WORLDS[args.world]
-        agreement = "" if args.agreement == 1 else f"_agree{round(100 * args.agreement)}"
-        self.data = out / f"{args.world}_prefer_{args.prefer}{agreement}"
+        self.world, self.data = self.world_and_data()
         base = {"seed": args.seed, "data": {"shards": str(self.data / "shards"), "resolution": 64, "num_workers": 1},
                 "model": {"gradient_checkpointing": False}, "train": {"micro_batch_size": MICRO_BATCH},
                 "checkpoint": {"keep_last": 100}, "logging": {"progress": True}}
         (out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
         self.reference = Path(args.reference).resolve() if args.reference else out / "reference"
+
+    def world_and_data(self):
+        """The world's module (its data writer, oracle and sampler) and the folder of its pairs."""
+        a = self.args
+        agreement = "" if a.agreement == 1 else f"_agree{round(100 * a.agreement)}"
+        return WORLDS[a.world], self.out / f"{a.world}_prefer_{a.prefer}{agreement}"
 
     def launch(self, ds_config: str = "zero3.json") -> list[str]:
         """The training command. The project's shape is the policy sharded with ZeRO-3 (the live reference,

@@ -42,8 +42,8 @@ MICRO_BATCH = 16  # pairs per rank per step: 64 clips a step on 2 ranks
 DENOISER = "transformer"
 # The objectives this demo can train: name -> (what it is, overrides of the DPO run). Every DPO setting the
 # result depends on is pinned here, not taken from the config's defaults.
-PINNED_DPO = ["--loss.type=dpo", "--loss.loser_weight=1", "--loss.winner_hinge=0", "--optim.warmup_steps=0",
-              "--optim.schedule=constant", "--optim.weight_decay=0", "--train.grad_clip=1"]
+PINNED_DPO = ["--loss.type=dpo", "--loss.loser_weight=1", "--loss.winner_hinge=0", "--optim.warmup_steps=10",
+              "--optim.schedule=cosine", "--optim.min_lr_ratio=0", "--optim.weight_decay=0", "--train.grad_clip=1"]
 OBJECTIVES = {
     "dpo": ("Diffusion-DPO, the paper's loss", PINNED_DPO + ["--loss.sft_weight=0"]),
     "dpo+sft": ("plus an SFT term on winners, weight 1", PINNED_DPO + ["--loss.sft_weight=1"]),
@@ -55,13 +55,15 @@ class VideoDemo(demo.Demo):
 
     def __init__(self, args, overrides: list[str], console: Console):
         super().__init__(args, overrides, console)
-        self.data = self.out / f"video_prefer_{args.prefer}"
         base = yaml.safe_load((self.out / "base.yaml").read_text())
         base["data"]["shards"] = str(self.data / "shards")
         base["model"]["family"] = "wan"  # its σ law and shift: the scheduler's (video_world.VIDEO_SCHEDULER_CONFIG)
         base["model"]["sigma_density"] = "uniform"
         base["train"]["micro_batch_size"] = MICRO_BATCH
         (self.out / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+
+    def world_and_data(self):
+        return video_world, self.out / f"video_prefer_{self.args.prefer}"
 
     def write_data(self) -> str:
         stamp = self.data / "world.json"
@@ -158,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefer", default="right", choices=video_world.DIRECTIONS)
     p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--sft-lr", type=float, default=1e-2)
-    p.add_argument("--dpo-steps", type=int, default=60)
-    p.add_argument("--checkpoint-every", type=int, default=30)
-    p.add_argument("--beta", type=float, default=500.0)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--dpo-steps", type=int, default=400)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--beta", type=float, default=5.0)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--objective", default="dpo+sft", choices=list(OBJECTIVES))
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
